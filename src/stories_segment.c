@@ -3,6 +3,7 @@
  */
 
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,11 +32,15 @@ typedef struct {
     size_t                    requests_size;
     size_t                    invalid_size;
     size_t                    skipped_size;
+    size_t                    body_len;
+    char                     *print_buffer;
 } stories_translation_t;
 
 
 
 static stories_call_e stories_call_from_name(const char *name, size_t len);
+static int stories_copy_write_key(cJSON *root, stories_result_t *result);
+static int stories_oversized(stories_translation_t *tr, cJSON *message);
 static int stories_translate_batch(stories_translation_t *tr, cJSON *root);
 static int stories_translate_message(stories_translation_t *tr,
     cJSON *message, stories_call_e call, size_t index);
@@ -59,7 +64,8 @@ static int stories_add_note(stories_note_t **notes, size_t *n, size_t *size,
     size_t index, stories_call_e call, const char *reason, cJSON *message);
 static char *stories_message_id(cJSON *message);
 static char *stories_printable(const char *s, size_t max);
-static size_t stories_depth(const char *body, size_t len, size_t limit);
+static size_t stories_scan(const char *body, size_t len, size_t limit,
+    int *nul);
 static int stories_reject(stories_translation_t *tr, cJSON *message,
     stories_call_e call, size_t index, const char *reason);
 static void stories_fail(stories_result_t *result, int status,
@@ -166,8 +172,8 @@ int
 stories_translate(stories_call_e call, const char *body, size_t len,
     const stories_options_t *options, stories_result_t *result)
 {
-    int                     rc;
-    size_t                  i;
+    int                     rc, nul;
+    size_t                  i, depth, limit;
     cJSON                  *root;
     const char             *end;
     stories_translation_t   tr;
@@ -176,6 +182,7 @@ stories_translate(stories_call_e call, const char *body, size_t len,
     memset(&tr, 0, sizeof(stories_translation_t));
     tr.options = options;
     tr.result = result;
+    tr.body_len = len;
 
     result->batch = (call == STORIES_CALL_BATCH);
 
@@ -192,13 +199,41 @@ stories_translate(stories_call_e call, const char *body, size_t len,
         return 0;
     }
 
-    if (options->max_depth != 0
-        && stories_depth(body, len, options->max_depth) > options->max_depth)
+    if (options->max_batch_size != 0 && len > options->max_batch_size) {
+        snprintf(result->error, STORIES_ERROR_SIZE,
+                 "body is larger than stories_max_batch_size %zu bytes",
+                 options->max_batch_size);
+        result->status = 413;
+        return 0;
+    }
+
+    if (call != STORIES_CALL_BATCH && options->max_message_size != 0
+        && len > options->max_message_size)
     {
         snprintf(result->error, STORIES_ERROR_SIZE,
-                 "JSON nesting is deeper than %zu levels",
+                 "message is larger than stories_max_message_size %zu bytes",
+                 options->max_message_size);
+        result->status = 413;
+        return 0;
+    }
+
+    limit = options->max_depth != 0 ? options->max_depth : (size_t) -1 - 1;
+
+    depth = stories_scan(body, len, limit, &nul);
+
+    if (depth > limit) {
+        snprintf(result->error, STORIES_ERROR_SIZE,
+                 "JSON nesting is deeper than stories_max_depth %zu",
                  options->max_depth);
         result->status = 400;
+        return 0;
+    }
+
+    /* cJSON ends a string at a NUL, which would cut an id or a name */
+
+    if (nul) {
+        stories_fail(result, 400, "JSON strings with \\u0000 are not "
+                                  "supported");
         return 0;
     }
 
@@ -224,6 +259,9 @@ stories_translate(stories_call_e call, const char *body, size_t len,
         rc = 0;
         stories_fail(result, 400, "body is not a JSON object");
 
+    } else if (stories_copy_write_key(root, result) != 0) {
+        rc = -1;
+
     } else if (call == STORIES_CALL_BATCH) {
         rc = stories_translate_batch(&tr, root);
 
@@ -233,6 +271,7 @@ stories_translate(stories_call_e call, const char *body, size_t len,
     }
 
     cJSON_Delete(root);
+    free(tr.print_buffer);
 
     if (rc != 0) {
         stories_result_free(result);
@@ -245,13 +284,15 @@ stories_translate(stories_call_e call, const char *body, size_t len,
 static int
 stories_translate_batch(stories_translation_t *tr, cJSON *root)
 {
+    int              oversized;
+    char             error[STORIES_ERROR_SIZE];
     size_t           n;
     cJSON           *batch, *message, *type;
     stories_call_e   call;
 
     batch = cJSON_GetObjectItemCaseSensitive(root, "batch");
 
-    if (batch == NULL) {
+    if (batch == NULL || cJSON_IsNull(batch)) {
         stories_fail(tr->result, 400, "missing batch");
         return 0;
     }
@@ -264,6 +305,26 @@ stories_translate_batch(stories_translation_t *tr, cJSON *root)
     n = 0;
 
     cJSON_ArrayForEach(message, batch) {
+        oversized = stories_oversized(tr, message);
+
+        if (oversized < 0) {
+            return -1;
+        }
+
+        if (oversized) {
+            snprintf(error, sizeof(error),
+                     "message is larger than stories_max_message_size "
+                     "%zu bytes", tr->options->max_message_size);
+
+            if (stories_reject(tr, message, STORIES_CALL_NONE, n, error) != 0)
+            {
+                return -1;
+            }
+
+            n++;
+            continue;
+        }
+
         type = cJSON_GetObjectItemCaseSensitive(message, "type");
 
         call = STORIES_CALL_NONE;
@@ -288,6 +349,65 @@ stories_translate_batch(stories_translation_t *tr, cJSON *root)
     tr->result->messages = n;
 
     return 0;
+}
+
+
+static int
+stories_copy_write_key(cJSON *root, stories_result_t *result)
+{
+    cJSON  *key;
+
+    key = cJSON_GetObjectItemCaseSensitive(root, "writeKey");
+
+    if (!cJSON_IsString(key)) {
+        return 0;
+    }
+
+    result->write_key_len = strlen(key->valuestring);
+
+    result->write_key = malloc(result->write_key_len + 1);
+    if (result->write_key == NULL) {
+        return -1;
+    }
+
+    memcpy(result->write_key, key->valuestring, result->write_key_len + 1);
+
+    return 0;
+}
+
+
+/*
+ * Tells whether a message of a batch, printed compactly, is larger than
+ * max_message_size.  The printing stops at the limit, and is skipped
+ * when the whole body fits in it.  Returns 1 or 0, or -1 without memory.
+ */
+static int
+stories_oversized(stories_translation_t *tr, cJSON *message)
+{
+    size_t  max;
+
+    max = tr->options->max_message_size;
+
+    if (max == 0 || tr->body_len <= max || max > INT_MAX - 6) {
+        return 0;
+    }
+
+    /* cJSON asks for 5 bytes more than the output, for its estimates */
+
+    if (tr->print_buffer == NULL) {
+        tr->print_buffer = malloc(max + 6);
+        if (tr->print_buffer == NULL) {
+            return -1;
+        }
+    }
+
+    if (!cJSON_PrintPreallocated(message, tr->print_buffer, (int) max + 6,
+                                 0))
+    {
+        return 1;
+    }
+
+    return strlen(tr->print_buffer) > max;
 }
 
 
@@ -458,7 +578,11 @@ stories_id_state(cJSON *item)
         return item->valuestring[0] != '\0';
     }
 
-    return cJSON_IsNumber(item) ? 1 : -1;
+    if (cJSON_IsNumber(item) && isfinite(item->valuedouble)) {
+        return 1;
+    }
+
+    return -1;
 }
 
 
@@ -478,7 +602,9 @@ stories_id_item(cJSON *item)
 
     value = item->valuedouble;
 
-    if (value == floor(value) && fabs(value) < 1e15) {
+    /* whole numbers print as JavaScript's String() does, up to 1e21 */
+
+    if (value == floor(value) && fabs(value) < 1e21) {
         snprintf(buf, sizeof(buf), "%.0f", value);
 
     } else {
@@ -588,7 +714,7 @@ stories_add_event(stories_translation_t *tr, cJSON *message,
             goto failed;
         }
 
-    } else if (cJSON_IsString(item)) {
+    } else if (cJSON_IsString(item) && item->valuestring[0] != '\0') {
         item = cJSON_CreateStringReference(item->valuestring);
         if (item == NULL || !cJSON_AddItemToObject(data, "content", item)) {
             cJSON_Delete(item);
@@ -715,7 +841,10 @@ stories_add_user_name(cJSON *body, cJSON *traits)
 }
 
 
-/* Copies a trait that is present and not null into the users body. */
+/*
+ * Copies a trait that is a non-empty string into the users body; other
+ * values stay in the attributes only.
+ */
 static int
 stories_add_copy(cJSON *body, const char *key, cJSON *traits,
     const char *field)
@@ -724,11 +853,11 @@ stories_add_copy(cJSON *body, const char *key, cJSON *traits,
 
     item = cJSON_GetObjectItemCaseSensitive(traits, field);
 
-    if (item == NULL || cJSON_IsNull(item)) {
+    if (!cJSON_IsString(item) || item->valuestring[0] == '\0') {
         return 0;
     }
 
-    item = cJSON_Duplicate(item, 1);
+    item = cJSON_CreateStringReference(item->valuestring);
     if (item == NULL || !cJSON_AddItemToObject(body, key, item)) {
         cJSON_Delete(item);
         return -1;
@@ -884,12 +1013,12 @@ stories_printable(const char *s, size_t max)
 
 
 /*
- * Measures the nesting of JSON text up to limit + 1 levels, skipping
- * strings, so that a deep document is rejected before cJSON recurses
- * into it.
+ * Measures the nesting of JSON text up to limit + 1 levels, so that a deep
+ * document is rejected before cJSON recurses into it, and looks for the
+ * \u0000 escape in strings.  The text is not validated here.
  */
 static size_t
-stories_depth(const char *body, size_t len, size_t limit)
+stories_scan(const char *body, size_t len, size_t limit, int *nul)
 {
     int      in_string;
     size_t   i, depth, max;
@@ -897,10 +1026,17 @@ stories_depth(const char *body, size_t len, size_t limit)
     in_string = 0;
     depth = 0;
     max = 0;
+    *nul = 0;
 
     for (i = 0; i < len; i++) {
         if (in_string) {
             if (body[i] == '\\') {
+                if (len - i > 5 && body[i + 1] == 'u'
+                    && memcmp(body + i + 2, "0000", 4) == 0)
+                {
+                    *nul = 1;
+                }
+
                 i++;
 
             } else if (body[i] == '"') {
@@ -994,7 +1130,9 @@ stories_result_free(stories_result_t *result)
     free(result->requests);
     free(result->invalid);
     free(result->skipped);
+    free(result->write_key);
 
+    result->write_key = NULL;
     result->requests = NULL;
     result->invalid = NULL;
     result->skipped = NULL;

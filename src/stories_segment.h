@@ -53,9 +53,12 @@ typedef struct {
 } stories_note_t;
 
 
+/* Limits of zero are not checked. */
 typedef struct {
     int              sync_users;
-    size_t           max_depth;   /* JSON nesting, 0 for cJSON's own limit */
+    size_t           max_depth;          /* JSON nesting levels */
+    size_t           max_message_size;   /* bytes of one message */
+    size_t           max_batch_size;     /* bytes of the whole body */
 } stories_options_t;
 
 
@@ -66,6 +69,10 @@ typedef struct {
 
     int                 batch;
     size_t              messages;
+
+    /* the body's "writeKey" string, NULL when absent */
+    char               *write_key;
+    size_t              write_key_len;
 
     stories_request_t  *requests;
     size_t              nrequests;
