@@ -6,10 +6,10 @@ NGINX       ?= /usr/sbin/nginx
 BUILD       := build
 MODULE      := $(BUILD)/ngx_http_stories_module.so
 UNIT_TEST   := $(BUILD)/segment_test
-PACKAGES    := nginx nginx-dev libcjson-dev gcc make perl
+PACKAGES    := nginx nginx-dev libcjson-dev zlib1g-dev gcc libc6-dev make perl ca-certificates
 
-CORE_SRCS   := src/stories_segment.c
-CORE_DEPS   := $(CORE_SRCS) src/stories_segment.h
+CORE_SRCS   := src/stories_body.c src/stories_segment.c
+CORE_DEPS   := $(CORE_SRCS) src/stories_body.h src/stories_segment.h
 CFLAGS      ?= -O2 -g
 WARNINGS    := -std=c99 -Wall -Wextra -Werror
 
@@ -53,7 +53,7 @@ $(MODULE): $(BUILD)/nginx/Makefile ngx_http_stories_module.c $(CORE_DEPS)
 $(UNIT_TEST): t/unit/segment_test.c $(CORE_DEPS)
 	mkdir -p $(BUILD)
 	$(CC) $(WARNINGS) $(CFLAGS) -Isrc -o $@ t/unit/segment_test.c \
-	    $(CORE_SRCS) -lcjson -lm
+	    $(CORE_SRCS) -lcjson -lz -lm
 
 test: all
 	prove -r t/

@@ -8,10 +8,8 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "stories_body.h"
 #include "stories_segment.h"
-
-
-#define NGX_HTTP_STORIES_DEFAULT_DEPTH  64
 
 
 /* What a Stories request came to, in the order a client should hear it. */
@@ -32,6 +30,12 @@ typedef struct {
     ngx_str_t                    api_key;
     ngx_flag_t                   sync_users;
     ngx_int_t                    concurrency;
+    ngx_array_t                 *write_keys;
+    ngx_array_t                 *cors_origins;
+    size_t                       max_message_size;
+    size_t                       max_batch_size;
+    ngx_int_t                    max_depth;
+    ngx_open_file_t             *dead_letter;
 
     /* built from the above when the configuration is merged */
     ngx_str_t                    events_uri;
@@ -52,6 +56,7 @@ typedef struct {
     ngx_http_stories_outcome_e   outcome;
     unsigned                     started:1;
     unsigned                     done:1;
+    unsigned                     kept:1;
 } ngx_http_stories_delivery_t;
 
 
@@ -59,6 +64,7 @@ struct ngx_http_stories_ctx_s {
     ngx_http_request_t           *request;
     ngx_http_stories_loc_conf_t  *conf;
     stories_call_e                call;
+    stories_encoding_e            encoding;
     stories_result_t              result;
     ngx_http_stories_delivery_t  *deliveries;
     ngx_uint_t                    started;
@@ -76,10 +82,18 @@ static void ngx_http_stories_front_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_stories_endpoint_handler(ngx_http_request_t *r);
 static void ngx_http_stories_endpoint_body_handler(ngx_http_request_t *r);
 static void ngx_http_stories_endpoint_wake(ngx_http_request_t *r);
+static ngx_int_t ngx_http_stories_check_headers(ngx_http_request_t *r,
+    stories_encoding_e *encoding, const char **error);
 static ngx_int_t ngx_http_stories_translate(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *ctx);
+static ngx_int_t ngx_http_stories_decode(ngx_http_request_t *r,
+    ngx_http_stories_ctx_t *ctx, ngx_str_t *body, char **inflated);
 static ngx_int_t ngx_http_stories_read_body(ngx_http_request_t *r,
     ngx_str_t *body);
+static ngx_uint_t ngx_http_stories_authorized(ngx_http_request_t *r,
+    ngx_http_stories_ctx_t *ctx);
+static ngx_uint_t ngx_http_stories_key_matches(ngx_array_t *keys,
+    u_char *candidate, size_t len);
 static void ngx_http_stories_start(ngx_http_stories_ctx_t *ctx);
 static ngx_int_t ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
     ngx_http_stories_delivery_t *d);
@@ -91,14 +105,22 @@ static void ngx_http_stories_classify(ngx_http_request_t *sr,
     ngx_http_stories_delivery_t *d, ngx_int_t rc);
 static void ngx_http_stories_log_failure(ngx_log_t *log,
     ngx_http_stories_delivery_t *d);
+static ngx_int_t ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d, const char *error);
 static ngx_int_t ngx_http_stories_respond(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *ctx);
 static ngx_int_t ngx_http_stories_respond_success(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *ctx);
+static ngx_int_t ngx_http_stories_preflight(ngx_http_request_t *r);
 static ngx_int_t ngx_http_stories_send_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *error);
 static ngx_int_t ngx_http_stories_send_json(ngx_http_request_t *r,
     ngx_uint_t status, char *json, size_t len);
+static ngx_int_t ngx_http_stories_add_header(ngx_http_request_t *r,
+    const char *key, ngx_str_t *value);
+static ngx_str_t *ngx_http_stories_allowed_origin(ngx_http_request_t *r);
+static ngx_table_elt_t *ngx_http_stories_find_header(ngx_http_request_t *r,
+    const char *name, size_t len);
 static void ngx_http_stories_log_notes(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *ctx);
 static ngx_http_stories_ctx_t *ngx_http_stories_get_ctx(ngx_http_request_t *r);
@@ -110,12 +132,27 @@ static char *ngx_http_stories_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static char *ngx_http_stories_forward(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_stories_api_key_file(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_stories_write_key(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_stories_write_keys_file(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_stories_dead_letter(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_stories_read_conf_file(ngx_conf_t *cf,
+    ngx_str_t *name, ngx_str_t *content);
 static ngx_int_t ngx_http_stories_concat(ngx_conf_t *cf, ngx_str_t *dst,
     ngx_str_t *prefix, ngx_str_t *suffix);
 static ngx_int_t ngx_http_stories_init(ngx_conf_t *cf);
 
 
 static ngx_conf_num_bounds_t  ngx_http_stories_concurrency_bounds = {
+    ngx_conf_check_num_bounds, 1, 1000
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_stories_depth_bounds = {
     ngx_conf_check_num_bounds, 1, 1000
 };
 
@@ -136,6 +173,13 @@ static ngx_command_t  ngx_http_stories_commands[] = {
       offsetof(ngx_http_stories_loc_conf_t, api_key),
       NULL },
 
+    { ngx_string("stories_api_key_file"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_stories_api_key_file,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("stories_sync_users"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
       ngx_conf_set_flag_slot,
@@ -149,6 +193,55 @@ static ngx_command_t  ngx_http_stories_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_stories_loc_conf_t, concurrency),
       &ngx_http_stories_concurrency_bounds },
+
+    { ngx_string("stories_write_key"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_stories_write_key,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("stories_write_keys_file"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_stories_write_keys_file,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("stories_max_message_size"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_stories_loc_conf_t, max_message_size),
+      NULL },
+
+    { ngx_string("stories_max_batch_size"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_stories_loc_conf_t, max_batch_size),
+      NULL },
+
+    { ngx_string("stories_max_depth"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_stories_loc_conf_t, max_depth),
+      &ngx_http_stories_depth_bounds },
+
+    { ngx_string("stories_cors_origin"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_array_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_stories_loc_conf_t, cors_origins),
+      NULL },
+
+    { ngx_string("stories_dead_letter"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_stories_dead_letter,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
 
       ngx_null_command
 };
@@ -200,7 +293,9 @@ ngx_http_stories_front_handler(ngx_http_request_t *r)
 {
     int                           under_v1;
     ngx_int_t                     rc;
+    const char                   *error;
     stories_call_e                call;
+    stories_encoding_e            encoding;
     ngx_http_stories_ctx_t       *ctx;
     ngx_http_core_loc_conf_t     *clcf;
     ngx_http_stories_loc_conf_t  *slcf;
@@ -235,12 +330,20 @@ ngx_http_stories_front_handler(ngx_http_request_t *r)
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "stories front handler");
 
+    if (ngx_http_stories_check_headers(r, &encoding, &error) != NGX_OK) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "stories: %s call not forwarded: %s",
+                      stories_call_name(call), error);
+        return NGX_DECLINED;
+    }
+
     ctx = ngx_http_stories_create_ctx(r, call);
     if (ctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     ctx->front = 1;
+    ctx->encoding = encoding;
     ctx->phase_rc = NGX_DONE;
 
     rc = ngx_http_read_client_request_body(r,
@@ -265,7 +368,7 @@ ngx_http_stories_front_body_handler(ngx_http_request_t *r)
 
         if (ctx->result.status != 0) {
             ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                          "stories: invalid %s call not forwarded: %s",
+                          "stories: %s call not forwarded: %s",
                           stories_call_name(ctx->call), ctx->result.error);
 
         } else {
@@ -293,7 +396,9 @@ ngx_http_stories_endpoint_handler(ngx_http_request_t *r)
 {
     int                           under_v1;
     ngx_int_t                     rc;
+    const char                   *error;
     stories_call_e                call;
+    stories_encoding_e            encoding;
     ngx_http_stories_ctx_t       *ctx;
     ngx_http_stories_loc_conf_t  *slcf;
 
@@ -324,6 +429,10 @@ ngx_http_stories_endpoint_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
+    if (r->method == NGX_HTTP_OPTIONS && slcf->cors_origins != NULL) {
+        return ngx_http_stories_preflight(r);
+    }
+
     if (r->method != NGX_HTTP_POST) {
         return ngx_http_stories_send_error(r, NGX_HTTP_NOT_ALLOWED,
                                            "method not allowed; use POST");
@@ -332,10 +441,22 @@ ngx_http_stories_endpoint_handler(ngx_http_request_t *r)
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "stories endpoint handler");
 
+    if (ngx_http_stories_check_headers(r, &encoding, &error) != NGX_OK) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "stories: %s call rejected: %s",
+                      stories_call_name(call), error);
+
+        return ngx_http_stories_send_error(r,
+                                          NGX_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                                          error);
+    }
+
     ctx = ngx_http_stories_create_ctx(r, call);
     if (ctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
+
+    ctx->encoding = encoding;
 
     rc = ngx_http_read_client_request_body(r,
                                       ngx_http_stories_endpoint_body_handler);
@@ -361,7 +482,7 @@ ngx_http_stories_endpoint_body_handler(ngx_http_request_t *r)
 
     if (ctx->result.status != 0) {
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "stories: invalid %s call rejected: %s",
+                      "stories: %s call rejected: %s",
                       stories_call_name(ctx->call), ctx->result.error);
 
         ngx_http_finalize_request(r,
@@ -409,9 +530,60 @@ ngx_http_stories_endpoint_wake(ngx_http_request_t *r)
 }
 
 
+/*
+ * Checks the Content-Type and Content-Encoding before the body is read.
+ * Returns NGX_DECLINED with the reason in *error for a body the module
+ * cannot read.
+ */
+
+static ngx_int_t
+ngx_http_stories_check_headers(ngx_http_request_t *r,
+    stories_encoding_e *encoding, const char **error)
+{
+    ngx_table_elt_t  *h;
+
+    *encoding = STORIES_ENCODING_IDENTITY;
+
+    h = r->headers_in.content_type;
+
+    if (h != NULL
+        && !stories_content_type_allowed((char *) h->value.data,
+                                         h->value.len))
+    {
+        *error = "unsupported Content-Type; "
+                 "send application/json or text/plain";
+        return NGX_DECLINED;
+    }
+
+    h = ngx_http_stories_find_header(r, "Content-Encoding",
+                                     sizeof("Content-Encoding") - 1);
+
+    if (h != NULL) {
+        *encoding = stories_encoding_from_header((char *) h->value.data,
+                                                 h->value.len);
+
+        if (*encoding == STORIES_ENCODING_UNKNOWN) {
+            *error = "unsupported Content-Encoding; "
+                     "send gzip, deflate or none";
+            return NGX_DECLINED;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Reads, inflates and translates the body.  A body that cannot be taken
+ * leaves the status and the reason in ctx->result; NGX_ERROR means an
+ * internal failure that nginx has logged already.
+ */
+
 static ngx_int_t
 ngx_http_stories_translate(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
 {
+    char                         *inflated;
+    ngx_int_t                     rc;
     ngx_str_t                     body;
     ngx_uint_t                    i;
     stories_options_t             options;
@@ -423,19 +595,43 @@ ngx_http_stories_translate(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
         return NGX_ERROR;
     }
 
-    options.sync_users = slcf->sync_users;
-    options.max_depth = NGX_HTTP_STORIES_DEFAULT_DEPTH;
+    inflated = NULL;
 
-    if (stories_translate(ctx->call, (char *) body.data, body.len, &options,
-                          &ctx->result)
-        != 0)
-    {
+    rc = ngx_http_stories_decode(r, ctx, &body, &inflated);
+
+    if (rc == NGX_OK) {
+        options.sync_users = slcf->sync_users;
+        options.max_depth = slcf->max_depth;
+        options.max_message_size = slcf->max_message_size;
+        options.max_batch_size = slcf->max_batch_size;
+
+        if (stories_translate(ctx->call, (char *) body.data, body.len,
+                              &options, &ctx->result)
+            != 0)
+        {
+            rc = NGX_ERROR;
+        }
+    }
+
+    ngx_free(inflated);
+
+    if (rc == NGX_ERROR) {
         return NGX_ERROR;
     }
 
     ctx->translated = 1;
 
-    if (ctx->result.nrequests == 0) {
+    if (slcf->write_keys != NULL && !ngx_http_stories_authorized(r, ctx)) {
+        stories_result_free(&ctx->result);
+
+        ctx->result.status = NGX_HTTP_UNAUTHORIZED;
+        ngx_cpystrn((u_char *) ctx->result.error,
+                    (u_char *) "missing or invalid write key",
+                    STORIES_ERROR_SIZE);
+        return NGX_OK;
+    }
+
+    if (ctx->result.status != 0 || ctx->result.nrequests == 0) {
         return NGX_OK;
     }
 
@@ -451,6 +647,147 @@ ngx_http_stories_translate(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * Inflates a compressed body into *inflated, bounded by
+ * stories_max_batch_size.  A body that cannot be inflated returns
+ * NGX_DECLINED with the status and the reason in ctx->result.
+ */
+
+static ngx_int_t
+ngx_http_stories_decode(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx,
+    ngx_str_t *body, char **inflated)
+{
+    int      rc;
+    size_t   len;
+
+    if (ctx->encoding == STORIES_ENCODING_IDENTITY) {
+        return NGX_OK;
+    }
+
+    rc = stories_inflate(ctx->encoding, (char *) body->data, body->len,
+                         ctx->conf->max_batch_size, inflated, &len);
+
+    switch (rc) {
+
+    case STORIES_INFLATE_OK:
+        body->data = (u_char *) *inflated;
+        body->len = len;
+        return NGX_OK;
+
+    case STORIES_INFLATE_TOO_LARGE:
+        ctx->result.status = NGX_HTTP_REQUEST_ENTITY_TOO_LARGE;
+        ngx_snprintf((u_char *) ctx->result.error, STORIES_ERROR_SIZE,
+                     "body inflates to more than stories_max_batch_size "
+                     "%uz bytes%Z", ctx->conf->max_batch_size);
+        return NGX_DECLINED;
+
+    case STORIES_INFLATE_CORRUPT:
+        ctx->result.status = NGX_HTTP_BAD_REQUEST;
+        ngx_cpystrn((u_char *) ctx->result.error,
+                    (u_char *) (ctx->encoding == STORIES_ENCODING_GZIP
+                                ? "invalid gzip body" : "invalid deflate body"),
+                    STORIES_ERROR_SIZE);
+        return NGX_DECLINED;
+
+    default:
+        ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
+                      "stories: inflating the request body failed");
+        return NGX_ERROR;
+    }
+}
+
+
+/*
+ * Accepts a write key given as the user name of HTTP Basic credentials,
+ * as Segment's libraries send it, or as the body's "writeKey" field.
+ */
+
+static ngx_uint_t
+ngx_http_stories_authorized(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
+{
+    u_char           *colon;
+    ngx_str_t         encoded, decoded;
+    ngx_table_elt_t  *h;
+
+    h = r->headers_in.authorization;
+
+    if (h != NULL
+        && h->value.len > sizeof("Basic ") - 1
+        && ngx_strncasecmp(h->value.data, (u_char *) "Basic ",
+                           sizeof("Basic ") - 1)
+           == 0)
+    {
+        encoded.data = h->value.data + sizeof("Basic ") - 1;
+        encoded.len = h->value.len - (sizeof("Basic ") - 1);
+
+        while (encoded.len > 0 && encoded.data[0] == ' ') {
+            encoded.data++;
+            encoded.len--;
+        }
+
+        decoded.data = ngx_pnalloc(r->pool,
+                                   ngx_base64_decoded_length(encoded.len));
+        if (decoded.data != NULL
+            && ngx_decode_base64(&decoded, &encoded) == NGX_OK)
+        {
+            colon = ngx_strlchr(decoded.data, decoded.data + decoded.len,
+                                ':');
+            if (colon != NULL) {
+                decoded.len = colon - decoded.data;
+            }
+
+            if (ngx_http_stories_key_matches(ctx->conf->write_keys,
+                                             decoded.data, decoded.len))
+            {
+                return 1;
+            }
+        }
+    }
+
+    if (ctx->result.write_key != NULL
+        && ngx_http_stories_key_matches(ctx->conf->write_keys,
+                                        (u_char *) ctx->result.write_key,
+                                        ctx->result.write_key_len))
+    {
+        return 1;
+    }
+
+    return 0;
+}
+
+
+/*
+ * Compares a candidate with every configured key.  The time taken
+ * depends on the keys' lengths only, not on where a candidate differs.
+ */
+
+static ngx_uint_t
+ngx_http_stories_key_matches(ngx_array_t *keys, u_char *candidate,
+    size_t len)
+{
+    u_char      diff, c;
+    size_t      j;
+    ngx_str_t  *key;
+    ngx_uint_t  i, found;
+
+    key = keys->elts;
+    found = 0;
+
+    for (i = 0; i < keys->nelts; i++) {
+        diff = (key[i].len != len);
+
+        for (j = 0; j < key[i].len; j++) {
+            c = (j < len) ? candidate[j] : 0;
+            diff |= key[i].data[j] ^ c;
+        }
+
+        found |= (diff == 0);
+    }
+
+    return found;
 }
 
 
@@ -720,6 +1057,12 @@ ngx_http_stories_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
 
     if (d->outcome != NGX_HTTP_STORIES_OK) {
         ngx_http_stories_log_failure(sr->connection->log, d);
+
+        if (ctx->conf->dead_letter != NULL
+            && ngx_http_stories_keep(ctx, d, NULL) == NGX_OK)
+        {
+            d->kept = 1;
+        }
     }
 
     ngx_http_stories_start(ctx);
@@ -880,6 +1223,94 @@ ngx_http_stories_log_failure(ngx_log_t *log, ngx_http_stories_delivery_t *d)
 }
 
 
+/*
+ * Appends a failed Stories request to the dead-letter file as one JSON
+ * line, with the body last and byte for byte, so that stories-replay can
+ * send it again.  A single write() to a file opened with O_APPEND keeps
+ * lines of different workers whole.
+ */
+
+static ngx_int_t
+ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d, const char *error)
+{
+    u_char             *line, *p;
+    size_t              len;
+    ssize_t             n;
+    ngx_tm_t            tm;
+    ngx_log_t          *log;
+    ngx_open_file_t    *file;
+    stories_request_t  *request;
+
+    static const char  *errors[] = {
+        "delivered",
+        "Stories rejected the request",
+        "Stories failed",
+        "Stories is unreachable",
+        "Stories timed out",
+        "Stories rate limit reached",
+        "Stories rejected the API key",
+        "failed before reaching Stories"
+    };
+
+    file = ctx->conf->dead_letter;
+    request = d->request;
+    log = ctx->request->connection->log;
+
+    if (error == NULL) {
+        error = errors[d->outcome];
+    }
+
+    len = sizeof("{\"time\":\"1970-01-01T00:00:00Z\",\"path\":\"\","
+                 "\"status\":,\"error\":\"\",\"messageId\":\"\","
+                 "\"body\":}\n")
+          + ngx_strlen(request->path) + NGX_INT_T_LEN + ngx_strlen(error)
+          + (request->message_id ? ngx_strlen(request->message_id) : 4)
+          + request->body_len;
+
+    line = ngx_pnalloc(ctx->request->pool, len);
+    if (line == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_gmtime(ngx_time(), &tm);
+
+    /* the message id and the error contain no quote or backslash */
+
+    p = ngx_sprintf(line, "{\"time\":\"%4d-%02d-%02dT%02d:%02d:%02dZ\","
+                          "\"path\":\"%s\",\"status\":%ui,"
+                          "\"error\":\"%s\",\"messageId\":",
+                    tm.ngx_tm_year, tm.ngx_tm_mon, tm.ngx_tm_mday,
+                    tm.ngx_tm_hour, tm.ngx_tm_min, tm.ngx_tm_sec,
+                    request->path, d->status, error);
+
+    if (request->message_id != NULL) {
+        p = ngx_sprintf(p, "\"%s\"", request->message_id);
+
+    } else {
+        p = ngx_cpymem(p, "null", 4);
+    }
+
+    p = ngx_cpymem(p, ",\"body\":", sizeof(",\"body\":") - 1);
+    p = ngx_cpymem(p, request->body, request->body_len);
+    *p++ = '}';
+    *p++ = LF;
+
+    n = ngx_write_fd(file->fd, line, p - line);
+
+    if (n != p - line) {
+        ngx_log_error(NGX_LOG_ALERT, log, ngx_errno,
+                      ngx_write_fd_n " to dead-letter file \"%s\" failed, "
+                      "a %s call to \"%s\" is lost",
+                      file->name.data, stories_call_name(request->type),
+                      request->path);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
 /* Builds the client's response from the outcomes of its Stories requests. */
 
 static ngx_int_t
@@ -887,7 +1318,6 @@ ngx_http_stories_respond(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
 {
     u_char                        buf[STORIES_ERROR_SIZE];
     ngx_uint_t                    i;
-    ngx_table_elt_t              *h;
     ngx_http_stories_delivery_t  *d, *worst;
 
     worst = NULL;
@@ -895,7 +1325,7 @@ ngx_http_stories_respond(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
     for (i = 0; i < ctx->result.nrequests; i++) {
         d = &ctx->deliveries[i];
 
-        if (d->outcome > NGX_HTTP_STORIES_REJECTED
+        if (!d->kept && d->outcome > NGX_HTTP_STORIES_REJECTED
             && (worst == NULL || d->outcome > worst->outcome))
         {
             worst = d;
@@ -913,15 +1343,12 @@ ngx_http_stories_respond(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
                                            "Stories rejected the API key");
 
     case NGX_HTTP_STORIES_RATE_LIMITED:
-        if (worst->retry_after.len) {
-            h = ngx_list_push(&r->headers_out.headers);
-            if (h == NULL) {
-                return NGX_HTTP_INTERNAL_SERVER_ERROR;
-            }
-
-            h->hash = 1;
-            ngx_str_set(&h->key, "Retry-After");
-            h->value = worst->retry_after;
+        if (worst->retry_after.len
+            && ngx_http_stories_add_header(r, "Retry-After",
+                                           &worst->retry_after)
+               != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
         return ngx_http_stories_send_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
@@ -964,7 +1391,8 @@ ngx_http_stories_respond_success(ngx_http_request_t *r,
     n = ctx->result.ninvalid;
 
     for (i = 0; i < ctx->result.nrequests; i++) {
-        n += (ctx->deliveries[i].outcome == NGX_HTTP_STORIES_REJECTED);
+        d = &ctx->deliveries[i];
+        n += (!d->kept && d->outcome == NGX_HTTP_STORIES_REJECTED);
     }
 
     rejected = NULL;
@@ -987,7 +1415,7 @@ ngx_http_stories_respond_success(ngx_http_request_t *r,
     for (i = 0; i < ctx->result.nrequests; i++) {
         d = &ctx->deliveries[i];
 
-        if (d->outcome != NGX_HTTP_STORIES_REJECTED) {
+        if (d->kept || d->outcome != NGX_HTTP_STORIES_REJECTED) {
             continue;
         }
 
@@ -1029,23 +1457,30 @@ static ngx_int_t
 ngx_http_stories_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *error)
 {
-    char             *json;
-    size_t            len;
-    ngx_table_elt_t  *h;
+    char       *json;
+    size_t      len;
+    ngx_str_t   value;
 
     if (ngx_http_discard_request_body(r) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     if (status == NGX_HTTP_NOT_ALLOWED) {
-        h = ngx_list_push(&r->headers_out.headers);
-        if (h == NULL) {
+        ngx_str_set(&value, "POST");
+
+        if (ngx_http_stories_add_header(r, "Allow", &value) != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
+    }
 
-        h->hash = 1;
-        ngx_str_set(&h->key, "Allow");
-        ngx_str_set(&h->value, "POST");
+    if (status == NGX_HTTP_UNAUTHORIZED) {
+        ngx_str_set(&value, "Basic realm=\"stories\"");
+
+        if (ngx_http_stories_add_header(r, "WWW-Authenticate", &value)
+            != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
     }
 
     json = stories_response_error(error, &len);
@@ -1065,6 +1500,7 @@ ngx_http_stories_send_json(ngx_http_request_t *r, ngx_uint_t status,
 {
     ngx_int_t     rc;
     ngx_buf_t    *b;
+    ngx_str_t    *origin, vary;
     ngx_chain_t   out;
 
     b = ngx_create_temp_buf(r->pool, len);
@@ -1078,6 +1514,20 @@ ngx_http_stories_send_json(ngx_http_request_t *r, ngx_uint_t status,
     b->last_in_chain = 1;
 
     ngx_free(json);
+
+    origin = ngx_http_stories_allowed_origin(r);
+
+    if (origin != NULL) {
+        ngx_str_set(&vary, "Origin");
+
+        if (ngx_http_stories_add_header(r, "Access-Control-Allow-Origin",
+                                        origin)
+            != NGX_OK
+            || ngx_http_stories_add_header(r, "Vary", &vary) != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
 
     r->headers_out.status = status;
     r->headers_out.content_type = ngx_http_stories_json;
@@ -1095,6 +1545,177 @@ ngx_http_stories_send_json(ngx_http_request_t *r, ngx_uint_t status,
     out.next = NULL;
 
     return ngx_http_output_filter(r, &out);
+}
+
+
+/*
+ * Answers a CORS preflight request, so that analytics.js can post to the
+ * endpoint from the pages of the configured origins.
+ */
+
+static ngx_int_t
+ngx_http_stories_preflight(ngx_http_request_t *r)
+{
+    ngx_int_t   rc;
+    ngx_str_t  *origin, value;
+
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    origin = ngx_http_stories_allowed_origin(r);
+
+    if (origin == NULL) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "stories: preflight from an origin that "
+                      "stories_cors_origin does not allow");
+
+        return ngx_http_stories_send_error(r, NGX_HTTP_FORBIDDEN,
+                                           "origin not allowed");
+    }
+
+    if (ngx_http_stories_add_header(r, "Access-Control-Allow-Origin", origin)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_str_set(&value, "POST, OPTIONS");
+
+    if (ngx_http_stories_add_header(r, "Access-Control-Allow-Methods",
+                                    &value)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_str_set(&value, "Authorization, Content-Type, Content-Encoding, "
+                        "X-Retry-Count");
+
+    if (ngx_http_stories_add_header(r, "Access-Control-Allow-Headers",
+                                    &value)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_str_set(&value, "86400");
+
+    if (ngx_http_stories_add_header(r, "Access-Control-Max-Age", &value)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_str_set(&value, "Origin");
+
+    if (ngx_http_stories_add_header(r, "Vary", &value) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    r->headers_out.status = NGX_HTTP_NO_CONTENT;
+    r->headers_out.content_length_n = 0;
+    r->header_only = 1;
+
+    rc = ngx_http_send_header(r);
+
+    return rc == NGX_ERROR || rc > NGX_OK ? rc : NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_stories_add_header(ngx_http_request_t *r, const char *key,
+    ngx_str_t *value)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key.data = (u_char *) key;
+    h->key.len = ngx_strlen(key);
+    h->value = *value;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Returns the value for Access-Control-Allow-Origin when the request's
+ * Origin is one that stories_cors_origin allows, or NULL.
+ */
+
+static ngx_str_t *
+ngx_http_stories_allowed_origin(ngx_http_request_t *r)
+{
+    ngx_str_t                    *origin;
+    ngx_uint_t                    i;
+    ngx_table_elt_t              *h;
+    ngx_http_stories_loc_conf_t  *slcf;
+
+    slcf = ngx_http_get_module_loc_conf(r, ngx_http_stories_module);
+
+    if (slcf->cors_origins == NULL) {
+        return NULL;
+    }
+
+    h = ngx_http_stories_find_header(r, "Origin", sizeof("Origin") - 1);
+    if (h == NULL) {
+        return NULL;
+    }
+
+    origin = slcf->cors_origins->elts;
+
+    for (i = 0; i < slcf->cors_origins->nelts; i++) {
+        if (origin[i].len == 1 && origin[i].data[0] == '*') {
+            return &origin[i];
+        }
+
+        if (origin[i].len == h->value.len
+            && ngx_strncasecmp(origin[i].data, h->value.data,
+                               h->value.len)
+               == 0)
+        {
+            return &h->value;
+        }
+    }
+
+    return NULL;
+}
+
+
+static ngx_table_elt_t *
+ngx_http_stories_find_header(ngx_http_request_t *r, const char *name,
+    size_t len)
+{
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                return NULL;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == len
+            && ngx_strncasecmp(h[i].key.data, (u_char *) name, len) == 0)
+        {
+            return &h[i];
+        }
+    }
 }
 
 
@@ -1214,6 +1835,11 @@ ngx_http_stories_cleanup(void *data)
                       d->request->path, stories_call_name(d->request->type),
                       d->request->message_id ? d->request->message_id
                                              : "none");
+
+        if (ctx->conf->dead_letter != NULL) {
+            (void) ngx_http_stories_keep(ctx, d,
+                                      "the client request ended first");
+        }
     }
 
     stories_result_free(&ctx->result);
@@ -1242,6 +1868,12 @@ ngx_http_stories_create_loc_conf(ngx_conf_t *cf)
 
     conf->sync_users = NGX_CONF_UNSET;
     conf->concurrency = NGX_CONF_UNSET;
+    conf->write_keys = NGX_CONF_UNSET_PTR;
+    conf->cors_origins = NGX_CONF_UNSET_PTR;
+    conf->max_message_size = NGX_CONF_UNSET_SIZE;
+    conf->max_batch_size = NGX_CONF_UNSET_SIZE;
+    conf->max_depth = NGX_CONF_UNSET;
+    conf->dead_letter = NGX_CONF_UNSET_PTR;
 
     return conf;
 }
@@ -1260,6 +1892,14 @@ ngx_http_stories_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_str_value(conf->api_key, prev->api_key, "");
     ngx_conf_merge_value(conf->sync_users, prev->sync_users, 0);
     ngx_conf_merge_value(conf->concurrency, prev->concurrency, 8);
+    ngx_conf_merge_ptr_value(conf->write_keys, prev->write_keys, NULL);
+    ngx_conf_merge_ptr_value(conf->cors_origins, prev->cors_origins, NULL);
+    ngx_conf_merge_size_value(conf->max_message_size,
+                              prev->max_message_size, 32 * 1024);
+    ngx_conf_merge_size_value(conf->max_batch_size,
+                              prev->max_batch_size, 500 * 1024);
+    ngx_conf_merge_value(conf->max_depth, prev->max_depth, 64);
+    ngx_conf_merge_ptr_value(conf->dead_letter, prev->dead_letter, NULL);
 
     if (conf->forward.len == 0) {
         return NGX_CONF_OK;
@@ -1344,6 +1984,252 @@ ngx_http_stories_forward(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_stories_api_key_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_stories_loc_conf_t *slcf = conf;
+
+    ngx_str_t  *value, key;
+
+    if (slcf->api_key.data != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_http_stories_read_conf_file(cf, &value[1], &key) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    while (key.len > 0
+           && (key.data[key.len - 1] == LF || key.data[key.len - 1] == CR))
+    {
+        key.len--;
+    }
+
+    if (key.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "API key file \"%V\" is empty", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    slcf->api_key = key;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_stories_write_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_stories_loc_conf_t *slcf = conf;
+
+    ngx_str_t  *value, *key;
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0) {
+        return "takes an empty key";
+    }
+
+    if (slcf->write_keys == NGX_CONF_UNSET_PTR) {
+        slcf->write_keys = ngx_array_create(cf->pool, 4, sizeof(ngx_str_t));
+        if (slcf->write_keys == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    key = ngx_array_push(slcf->write_keys);
+    if (key == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *key = value[1];
+
+    return NGX_CONF_OK;
+}
+
+
+/* Adds the keys of a file, one per line; empty lines are skipped. */
+
+static char *
+ngx_http_stories_write_keys_file(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_stories_loc_conf_t *slcf = conf;
+
+    u_char      *p, *last, *eol;
+    ngx_str_t   *value, content, *key;
+    ngx_uint_t   n;
+
+    value = cf->args->elts;
+
+    if (ngx_http_stories_read_conf_file(cf, &value[1], &content) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (slcf->write_keys == NGX_CONF_UNSET_PTR) {
+        slcf->write_keys = ngx_array_create(cf->pool, 4, sizeof(ngx_str_t));
+        if (slcf->write_keys == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    n = 0;
+    p = content.data;
+    last = content.data + content.len;
+
+    while (p < last) {
+        eol = ngx_strlchr(p, last, LF);
+        if (eol == NULL) {
+            eol = last;
+        }
+
+        key = ngx_array_push(slcf->write_keys);
+        if (key == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        key->data = p;
+        key->len = eol - p;
+
+        while (key->len > 0
+               && (key->data[key->len - 1] == CR
+                   || key->data[key->len - 1] == ' '
+                   || key->data[key->len - 1] == '\t'))
+        {
+            key->len--;
+        }
+
+        if (key->len == 0) {
+            slcf->write_keys->nelts--;
+
+        } else {
+            n++;
+        }
+
+        p = eol + 1;
+    }
+
+    if (n == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "write keys file \"%V\" has no keys", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_stories_dead_letter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_stories_loc_conf_t *slcf = conf;
+
+    ngx_str_t  *value;
+
+    if (slcf->dead_letter != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        slcf->dead_letter = NULL;
+        return NGX_CONF_OK;
+    }
+
+    /* opened by the cycle like access_log, so USR1 reopens it */
+
+    slcf->dead_letter = ngx_conf_open_file(cf->cycle, &value[1]);
+    if (slcf->dead_letter == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * Reads a small file at configuration time.  A relative name is taken
+ * from the configuration prefix.
+ */
+
+static ngx_int_t
+ngx_http_stories_read_conf_file(ngx_conf_t *cf, ngx_str_t *name,
+    ngx_str_t *content)
+{
+    off_t            size;
+    ssize_t          n;
+    ngx_fd_t         fd;
+    ngx_str_t        path;
+    ngx_file_info_t  fi;
+
+    path = *name;
+
+    if (ngx_conf_full_name(cf->cycle, &path, 1) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    fd = ngx_open_file(path.data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+    if (fd == NGX_INVALID_FILE) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_open_file_n " \"%V\" failed", &path);
+        return NGX_ERROR;
+    }
+
+    if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_fd_info_n " \"%V\" failed", &path);
+        goto failed;
+    }
+
+    size = ngx_file_size(&fi);
+
+    if (size > 1024 * 1024) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "file \"%V\" is larger than 1m", &path);
+        goto failed;
+    }
+
+    content->len = (size_t) size;
+    content->data = ngx_pnalloc(cf->pool, content->len + 1);
+    if (content->data == NULL) {
+        goto failed;
+    }
+
+    n = ngx_read_fd(fd, content->data, content->len);
+
+    if (n == -1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_read_fd_n " \"%V\" failed", &path);
+        goto failed;
+    }
+
+    if ((size_t) n != content->len) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           ngx_read_fd_n " \"%V\" returned only %z bytes",
+                           &path, n);
+        goto failed;
+    }
+
+    content->data[content->len] = '\0';
+
+    ngx_close_file(fd);
+
+    return NGX_OK;
+
+failed:
+
+    if (ngx_close_file(fd) == NGX_FILE_ERROR) {
+        ngx_log_error(NGX_LOG_ALERT, cf->log, ngx_errno,
+                      ngx_close_file_n " \"%V\" failed", &path);
+    }
+
+    return NGX_ERROR;
 }
 
 

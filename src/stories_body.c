@@ -1,0 +1,224 @@
+/*
+ * Copyright (C) The ngx_http_stories_module authors
+ */
+
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <zlib.h>
+
+#include "stories_body.h"
+
+
+/* zlib's window bits: 15, plus 16 for a gzip wrapper, negative for raw */
+#define STORIES_GZIP_BITS     (15 + 16)
+#define STORIES_ZLIB_BITS     15
+#define STORIES_RAW_BITS      (-15)
+
+#define STORIES_INFLATE_STEP  16384
+
+
+static int stories_token_equal(const char *value, size_t len,
+    const char *token);
+static void stories_trim(const char **value, size_t *len);
+static int stories_inflate_bits(int bits, const char *in, size_t len,
+    size_t max, char **out, size_t *out_len);
+
+
+int
+stories_content_type_allowed(const char *value, size_t len)
+{
+    const char  *semicolon;
+
+    semicolon = memchr(value, ';', len);
+    if (semicolon != NULL) {
+        len = semicolon - value;
+    }
+
+    stories_trim(&value, &len);
+
+    return stories_token_equal(value, len, "application/json")
+           || stories_token_equal(value, len, "text/plain");
+}
+
+
+stories_encoding_e
+stories_encoding_from_header(const char *value, size_t len)
+{
+    stories_trim(&value, &len);
+
+    if (len == 0 || stories_token_equal(value, len, "identity")) {
+        return STORIES_ENCODING_IDENTITY;
+    }
+
+    if (stories_token_equal(value, len, "gzip")
+        || stories_token_equal(value, len, "x-gzip"))
+    {
+        return STORIES_ENCODING_GZIP;
+    }
+
+    if (stories_token_equal(value, len, "deflate")) {
+        return STORIES_ENCODING_DEFLATE;
+    }
+
+    return STORIES_ENCODING_UNKNOWN;
+}
+
+
+/* Compares an HTTP token case-insensitively with a lowercase one. */
+static int
+stories_token_equal(const char *value, size_t len, const char *token)
+{
+    size_t  i;
+
+    if (len != strlen(token)) {
+        return 0;
+    }
+
+    for (i = 0; i < len; i++) {
+        if ((value[i] | 0x20) != token[i] && value[i] != token[i]) {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+static void
+stories_trim(const char **value, size_t *len)
+{
+    while (*len > 0 && (**value == ' ' || **value == '\t')) {
+        (*value)++;
+        (*len)--;
+    }
+
+    while (*len > 0
+           && ((*value)[*len - 1] == ' ' || (*value)[*len - 1] == '\t'))
+    {
+        (*len)--;
+    }
+}
+
+
+int
+stories_inflate(stories_encoding_e encoding, const char *in, size_t len,
+    size_t max, char **out, size_t *out_len)
+{
+    int  rc;
+
+    if (encoding == STORIES_ENCODING_GZIP) {
+        return stories_inflate_bits(STORIES_GZIP_BITS, in, len, max, out,
+                                    out_len);
+    }
+
+    /* "deflate" means zlib-wrapped data, but some clients send it raw */
+
+    rc = stories_inflate_bits(STORIES_ZLIB_BITS, in, len, max, out, out_len);
+
+    if (rc == STORIES_INFLATE_CORRUPT) {
+        rc = stories_inflate_bits(STORIES_RAW_BITS, in, len, max, out,
+                                  out_len);
+    }
+
+    return rc;
+}
+
+
+static int
+stories_inflate_bits(int bits, const char *in, size_t len, size_t max,
+    char **out, size_t *out_len)
+{
+    int        rc;
+    char      *buf, *p;
+    size_t     size;
+    z_stream   zs;
+
+    memset(&zs, 0, sizeof(z_stream));
+
+    if (inflateInit2(&zs, bits) != Z_OK) {
+        return STORIES_INFLATE_NO_MEMORY;
+    }
+
+    /* one byte past max tells an output of exactly max from a larger one */
+
+    size = len * 4 < STORIES_INFLATE_STEP ? STORIES_INFLATE_STEP : len * 4;
+    if (size > max + 1) {
+        size = max + 1;
+    }
+
+    buf = malloc(size);
+    if (buf == NULL) {
+        inflateEnd(&zs);
+        return STORIES_INFLATE_NO_MEMORY;
+    }
+
+    zs.next_in = (unsigned char *) in;
+    zs.avail_in = (uInt) len;
+    zs.next_out = (unsigned char *) buf;
+    zs.avail_out = (uInt) size;
+
+    for ( ;; ) {
+        rc = inflate(&zs, Z_NO_FLUSH);
+
+        if (rc == Z_STREAM_END) {
+            break;
+        }
+
+        if (rc != Z_OK && rc != Z_BUF_ERROR) {
+            rc = (rc == Z_MEM_ERROR) ? STORIES_INFLATE_NO_MEMORY
+                                     : STORIES_INFLATE_CORRUPT;
+            goto failed;
+        }
+
+        if (zs.avail_out != 0) {
+            /* all input was used and the stream has not ended */
+            rc = STORIES_INFLATE_CORRUPT;
+            goto failed;
+        }
+
+        if (zs.total_out > max) {
+            rc = STORIES_INFLATE_TOO_LARGE;
+            goto failed;
+        }
+
+        size = size * 2 > max + 1 ? max + 1 : size * 2;
+
+        p = realloc(buf, size);
+        if (p == NULL) {
+            rc = STORIES_INFLATE_NO_MEMORY;
+            goto failed;
+        }
+
+        buf = p;
+        zs.next_out = (unsigned char *) buf + zs.total_out;
+        zs.avail_out = (uInt) (size - zs.total_out);
+    }
+
+    if (zs.total_out > max) {
+        rc = STORIES_INFLATE_TOO_LARGE;
+        goto failed;
+    }
+
+    /* data after the end of the stream is not part of a valid body */
+
+    if (zs.avail_in != 0) {
+        rc = STORIES_INFLATE_CORRUPT;
+        goto failed;
+    }
+
+    *out = buf;
+    *out_len = zs.total_out;
+
+    inflateEnd(&zs);
+
+    return STORIES_INFLATE_OK;
+
+failed:
+
+    free(buf);
+    inflateEnd(&zs);
+
+    return rc;
+}
