@@ -811,9 +811,11 @@ ngx_http_stories_read_body(ngx_http_request_t *r, ngx_str_t *body)
         return NGX_OK;
     }
 
+    /* a chunked body can end with an empty buffer that is neither */
+
     cl = r->request_body->bufs;
 
-    if (cl->next == NULL && ngx_buf_in_memory(cl->buf)) {
+    if (cl->next == NULL && !cl->buf->in_file) {
         body->data = cl->buf->pos;
         body->len = cl->buf->last - cl->buf->pos;
         return NGX_OK;
@@ -822,7 +824,8 @@ ngx_http_stories_read_body(ngx_http_request_t *r, ngx_str_t *body)
     len = 0;
 
     for (cl = r->request_body->bufs; cl; cl = cl->next) {
-        len += ngx_buf_size(cl->buf);
+        b = cl->buf;
+        len += b->in_file ? b->file_last - b->file_pos : b->last - b->pos;
     }
 
     if (len == 0) {
@@ -840,7 +843,7 @@ ngx_http_stories_read_body(ngx_http_request_t *r, ngx_str_t *body)
     for (cl = r->request_body->bufs; cl; cl = cl->next) {
         b = cl->buf;
 
-        if (ngx_buf_in_memory(b)) {
+        if (!b->in_file) {
             p = ngx_cpymem(p, b->pos, b->last - b->pos);
             continue;
         }
