@@ -5,17 +5,36 @@ NGINX_SRC   ?= /usr/share/nginx/src
 NGINX       ?= /usr/sbin/nginx
 BUILD       := build
 MODULE      := $(BUILD)/ngx_http_stories_module.so
-UNIT_TEST   := $(BUILD)/segment_test
-PACKAGES    := nginx nginx-dev libcjson-dev zlib1g-dev gcc libc6-dev make perl ca-certificates
+UNIT_TESTS  := $(patsubst t/unit/%.c,$(BUILD)/%,$(wildcard t/unit/*_test.c))
+REPLAY      := $(BUILD)/stories-replay
+PACKAGES    := nginx nginx-dev libcjson-dev zlib1g-dev libcurl4-openssl-dev \
+               gcc libc6-dev make perl ca-certificates
 
 CORE_SRCS   := src/stories_body.c src/stories_segment.c
 CORE_DEPS   := $(CORE_SRCS) src/stories_body.h src/stories_segment.h
 CFLAGS      ?= -O2 -g
 WARNINGS    := -std=c99 -Wall -Wextra -Werror
 
-.PHONY: all deps test unit run clean
+FUZZ_TARGET := $(BUILD)/segment_fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS  := -g -O1 -fsanitize=fuzzer,address,undefined \
+               -fno-sanitize-recover=undefined
 
-all: deps $(MODULE) $(UNIT_TEST)
+# nginx 1.22 from Debian's source package, with the module compiled in,
+# AddressSanitizer and UndefinedBehaviorSanitizer, and NGX_DEBUG_PALLOC so
+# that every pool allocation is a separate malloc() the sanitizer sees.
+# nginx itself reads unaligned words on x86 and passes NULL with a zero
+# length to memcpy(), so those two checks are off.
+ASAN_DIR    := $(BUILD)/asan
+ASAN_NGINX  := $(ASAN_DIR)/nginx-1.22.1/objs/nginx
+ASAN_FLAGS  := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+               -fno-sanitize=alignment,nonnull-attribute \
+               -fno-sanitize-recover=undefined -DNGX_DEBUG_PALLOC=1
+ASAN_REPORT := $(CURDIR)/$(ASAN_DIR)/reports
+
+.PHONY: all deps test unit run clean fuzz test-asan
+
+all: deps $(MODULE) $(UNIT_TESTS)
 
 # Installs what is missing when run as root, otherwise names the command.
 deps:
@@ -44,22 +63,78 @@ $(BUILD)/nginx/Makefile: config
 	cd $(BUILD)/nginx && bash -c '. ./conf_flags && \
 	    ./configure "$${NGX_CONF_FLAGS[@]}" \
 	        --add-dynamic-module=$(CURDIR)' >configure.log 2>&1 \
-	    || { tail -n 20 $(BUILD)/nginx/configure.log; exit 1; }
+	    || { tail -n 20 configure.log; exit 1; }
 
 $(MODULE): $(BUILD)/nginx/Makefile ngx_http_stories_module.c $(CORE_DEPS)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
 	cp $(BUILD)/nginx/objs/ngx_http_stories_module.so $@
 
-$(UNIT_TEST): t/unit/segment_test.c $(CORE_DEPS)
+$(BUILD)/%_test: t/unit/%_test.c $(CORE_DEPS)
 	mkdir -p $(BUILD)
-	$(CC) $(WARNINGS) $(CFLAGS) -Isrc -o $@ t/unit/segment_test.c \
-	    $(CORE_SRCS) -lcjson -lz -lm
+	$(CC) $(WARNINGS) $(CFLAGS) -Isrc -o $@ $< $(CORE_SRCS) -lcjson -lz -lm
+
+$(REPLAY): src/stories_replay.c
+	mkdir -p $(BUILD)
+	$(CC) $(WARNINGS) -D_POSIX_C_SOURCE=200809L $(CFLAGS) -o $@ $< \
+	    -lcurl -lm
 
 test: all
 	prove -r t/
 
-unit: $(UNIT_TEST)
-	$(UNIT_TEST)
+# Runs the fuzzer for FUZZ_SECONDS, starting from the seed bodies in
+# t/fuzz/seeds; any crash, leak or sanitizer report fails the target.
+fuzz: $(FUZZ_TARGET)
+	mkdir -p $(BUILD)/fuzz-corpus
+	$(FUZZ_TARGET) -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=$(BUILD)/ $(BUILD)/fuzz-corpus t/fuzz/seeds
+
+$(FUZZ_TARGET): t/fuzz/segment_fuzz.c $(CORE_DEPS)
+	@command -v clang >/dev/null || { \
+	    echo "fuzzing needs clang: apt-get install clang libclang-rt-14-dev"; \
+	    exit 1; }
+	mkdir -p $(BUILD)
+	clang $(FUZZ_FLAGS) -Isrc -o $@ t/fuzz/segment_fuzz.c $(CORE_SRCS) \
+	    -lcjson -lz -lm
+
+# Runs the whole t/ suite on the sanitizer build; a report fails it.
+# Leak detection is off: nginx -t and the master process exit without
+# freeing the configuration, by design.  The fuzzer checks the core for
+# leaks instead.
+test-asan: $(ASAN_NGINX) $(UNIT_TESTS) $(REPLAY)
+	rm -rf $(ASAN_REPORT)
+	mkdir -p $(ASAN_REPORT)
+	ASAN_OPTIONS=detect_leaks=0:log_path=$(ASAN_REPORT)/asan \
+	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(ASAN_REPORT)/ubsan \
+	TEST_NGINX_BINARY=$(CURDIR)/$(ASAN_NGINX) TEST_NGINX_MODULE=static \
+	    prove -r t/
+	@if [ -n "$$(ls -A $(ASAN_REPORT))" ]; then \
+	    cat $(ASAN_REPORT)/*; \
+	    echo "sanitizer reports in $(ASAN_REPORT)"; exit 1; \
+	fi
+
+$(ASAN_DIR)/nginx-1.22.1/configure:
+	mkdir -p $(ASAN_DIR)
+	./.ci/nginx-source $(ASAN_DIR)
+
+$(ASAN_DIR)/nginx-1.22.1/objs/Makefile: $(ASAN_DIR)/nginx-1.22.1/configure \
+                                        config Makefile
+	cd $(ASAN_DIR)/nginx-1.22.1 && ./configure \
+	    --with-debug --with-threads --with-pcre-jit --with-http_ssl_module \
+	    --with-http_v2_module --with-http_auth_request_module \
+	    --with-http_realip_module --with-http_stub_status_module \
+	    --with-http_sub_module --with-http_addition_module \
+	    --with-http_gunzip_module --with-http_dav_module \
+	    --with-cc-opt='$(ASAN_FLAGS)' \
+	    --with-ld-opt='-fsanitize=address,undefined' \
+	    --add-module=$(CURDIR) >../configure.log 2>&1 \
+	    || { tail -n 20 ../configure.log; exit 1; }
+
+$(ASAN_NGINX): $(ASAN_DIR)/nginx-1.22.1/objs/Makefile \
+               ngx_http_stories_module.c $(CORE_DEPS)
+	$(MAKE) -C $(ASAN_DIR)/nginx-1.22.1 -f objs/Makefile
+
+unit: $(UNIT_TESTS)
+	for t in $(UNIT_TESTS); do $$t || exit 1; done
 
 # Starts nginx in the foreground with the quick-start configuration.
 run: all

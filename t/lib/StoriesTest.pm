@@ -343,6 +343,10 @@ sub stop {
     is(join("\n", @bad), '', 'error.log has no alert, crit or emerg');
     unlike($log, qr/http request count is zero/,
         'error.log has no request count underflow');
+
+    # sanitizer builds write their reports to nginx's stderr, error.log
+    my @reports = grep { /runtime error:|Sanitizer/ } split /\n/, $log;
+    is(join("\n", @reports), '', 'error.log has no sanitizer report');
     return;
 }
 
