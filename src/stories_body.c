@@ -70,6 +70,7 @@ stories_encoding_from_header(const char *value, size_t len)
 static int
 stories_token_equal(const char *value, size_t len, const char *token)
 {
+    char    c;
     size_t  i;
 
     if (len != strlen(token)) {
@@ -77,7 +78,13 @@ stories_token_equal(const char *value, size_t len, const char *token)
     }
 
     for (i = 0; i < len; i++) {
-        if ((value[i] | 0x20) != token[i] && value[i] != token[i]) {
+        c = value[i];
+
+        if (c >= 'A' && c <= 'Z') {
+            c = (char) (c - 'A' + 'a');
+        }
+
+        if (c != token[i]) {
             return 0;
         }
     }
@@ -141,7 +148,7 @@ stories_inflate_bits(int bits, const char *in, size_t len, size_t max,
         return STORIES_INFLATE_NO_MEMORY;
     }
 
-    /* one byte past max tells an output of exactly max from a larger one */
+    /* one byte past max tells apart an output of max from a larger one */
 
     size = len * 4 < STORIES_INFLATE_STEP ? STORIES_INFLATE_STEP : len * 4;
     if (size > max + 1) {

@@ -38,7 +38,7 @@ stories_encoding_e stories_encoding_from_header(const char *value,
     size_t len);
 
 /*
- * Inflates a gzip or zlib-wrapped deflate body; a raw deflate stream is
+ * Inflates a gzip or zlib-wrapped deflate body.  A raw deflate stream is
  * accepted for "deflate" too.  Stops as soon as the output would exceed
  * max bytes, so that the work done is bounded by max, not by the ratio.
  * On success *out comes from malloc() and is released with free().

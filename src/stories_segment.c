@@ -14,7 +14,7 @@
 #include "stories_segment.h"
 
 
-/* The longest part of an untrusted value that goes into a message. */
+/* The maximum length of an untrusted value quoted in a message. */
 #define STORIES_QUOTE_MAX  32
 
 
@@ -392,7 +392,7 @@ stories_oversized(stories_translation_t *tr, cJSON *message)
         return 0;
     }
 
-    /* cJSON asks for 5 bytes more than the output, for its estimates */
+    /* cJSON needs 5 bytes more than the output, for its estimates */
 
     if (tr->print_buffer == NULL) {
         tr->print_buffer = malloc(max + 6);

@@ -63,7 +63,7 @@ typedef struct {
 
 
 typedef struct {
-    /* 0 when the body was accepted, else the HTTP status to answer */
+    /* 0 when the body was accepted, else the HTTP status to respond with */
     int                 status;
     char                error[STORIES_ERROR_SIZE];
 
@@ -96,8 +96,8 @@ typedef struct {
 
 /*
  * Classifies the last segment of a request path.  Returns STORIES_CALL_NONE
- * when it names no Segment call; *under_v1 is then set when the segment
- * before it is "v1", so that the caller can answer "unknown call".
+ * when it names no Segment call.  *under_v1 is set when the segment
+ * before it is "v1", so that the caller can respond "unknown call".
  */
 stories_call_e stories_call_from_path(const char *path, size_t len,
     int *under_v1);
@@ -107,8 +107,8 @@ const char *stories_call_name(stories_call_e call);
 /*
  * Parses a request body sent to a path of the given call and maps every
  * message that Stories can take.  Returns 0 on success, including partial
- * success of a batch, and -1 when memory ran out.  result->status tells
- * whether the call as a whole was rejected.
+ * success of a batch, and -1 when memory ran out.  A non-zero
+ * result->status means that the call as a whole was rejected.
  */
 int stories_translate(stories_call_e call, const char *body, size_t len,
     const stories_options_t *options, stories_result_t *result);

@@ -1,0 +1,965 @@
+/*
+ * Copyright (C) The ngx_http_stories_module authors
+ *
+ * Unit tests of the Content-Type and Content-Encoding checks and of the
+ * bounded inflation in stories_body.c.  The program prints TAP and exits
+ * with status 1 when a test fails.
+ *
+ * Header values and compressed bodies go to the code under test in a
+ * malloc()ed buffer of exactly their length, with no terminating NUL, so
+ * that AddressSanitizer or valgrind report a read past the end.
+ */
+
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <zlib.h>
+
+#include "stories_body.h"
+
+
+#if defined(__GNUC__)
+#define TEST_PRINTF(f, a)  __attribute__((format(printf, f, a)))
+#else
+#define TEST_PRINTF(f, a)
+#endif
+
+
+/* zlib window bits for deflateInit2(): gzip wrapper, zlib wrapper, raw */
+#define GZIP_BITS  (15 + 16)
+#define ZLIB_BITS  15
+#define RAW_BITS   (-15)
+
+
+typedef struct {
+    const char  *value;
+    size_t       len;        /* 0: strlen(value) */
+    int          allowed;
+} content_type_case_t;
+
+
+typedef struct {
+    const char          *value;
+    size_t               len;   /* 0: strlen(value) */
+    stories_encoding_e   encoding;
+} encoding_case_t;
+
+
+/* A compressed format: the encoding it is sent with and deflate's bits. */
+typedef struct {
+    const char          *name;
+    stories_encoding_e   encoding;
+    int                  bits;
+} format_t;
+
+
+static int test_ok(int passed, const char *fmt, ...) TEST_PRINTF(2, 3);
+static void print_bytes(const char *label, const char *s, size_t len);
+static int is_size(size_t got, size_t expected, const char *name,
+    const char *what);
+static const char *escape_bytes(const char *s, size_t len, char *buf,
+    size_t size);
+static const char *encoding_name(stories_encoding_e encoding);
+static const char *inflate_status_name(int rc);
+static char *copy_exact(const char *data, size_t len);
+static char *make_text(size_t len);
+static char *compress_bytes(int bits, const char *data, size_t len,
+    size_t *out_len);
+static char *compress_zeros(int bits, size_t total, size_t *out_len);
+static int run_inflate(stories_encoding_e encoding, const char *in,
+    size_t len, size_t max, char **out, size_t *out_len);
+static void expect_inflated(const char *name, stories_encoding_e encoding,
+    const char *in, size_t len, size_t max, const char *expected,
+    size_t expected_len);
+static void expect_failure(const char *name, stories_encoding_e encoding,
+    const char *in, size_t len, size_t max, int status);
+
+static void test_content_type(void);
+static void test_encoding_names(void);
+static void test_inflate_formats(void);
+static void test_inflate_limit(void);
+static void test_inflate_bomb(void);
+static void test_inflate_corrupt(void);
+static void test_inflate_truncated(void);
+static void test_inflate_trailing_data(void);
+static void test_inflate_empty(void);
+
+
+static const format_t  formats[] = {
+    { "gzip", STORIES_ENCODING_GZIP, GZIP_BITS },
+    { "zlib deflate", STORIES_ENCODING_DEFLATE, ZLIB_BITS },
+    { "raw deflate", STORIES_ENCODING_DEFLATE, RAW_BITS },
+};
+
+#define NFORMATS  (sizeof(formats) / sizeof(formats[0]))
+
+
+static const char  json_body[] =
+    "{\"batch\":[{\"type\":\"track\",\"userId\":\"u1\",\"event\":\"Signed Up\"},"
+    "{\"type\":\"identify\",\"userId\":\"u2\",\"traits\":{\"plan\":\"pro\"}}]}";
+
+static unsigned     test_number;
+static unsigned     test_failures;
+
+
+int
+main(void)
+{
+    /* diagnostics and results must not be reordered by buffering */
+    setvbuf(stdout, NULL, _IONBF, 0);
+
+    test_content_type();
+    test_encoding_names();
+    test_inflate_formats();
+    test_inflate_limit();
+    test_inflate_bomb();
+    test_inflate_corrupt();
+    test_inflate_truncated();
+    test_inflate_trailing_data();
+    test_inflate_empty();
+
+    printf("1..%u\n", test_number);
+
+    if (test_failures != 0) {
+        printf("# %u of %u tests failed\n", test_failures, test_number);
+        return 1;
+    }
+
+    return 0;
+}
+
+
+/* TAP output and assertions */
+
+
+static int
+test_ok(int passed, const char *fmt, ...)
+{
+    va_list  args;
+
+    test_number++;
+
+    if (!passed) {
+        test_failures++;
+    }
+
+    printf("%sok %u - ", passed ? "" : "not ", test_number);
+
+    va_start(args, fmt);
+    vprintf(fmt, args);
+    va_end(args);
+
+    printf("\n");
+
+    return passed;
+}
+
+
+/* Prints bytes on a TAP diagnostic line with non-printable bytes as \xNN. */
+static void
+print_bytes(const char *label, const char *s, size_t len)
+{
+    size_t          i;
+    unsigned char   c;
+
+    printf("#   %8s: \"", label);
+
+    for (i = 0; i < len; i++) {
+        c = (unsigned char) s[i];
+
+        if (c == '"' || c == '\\') {
+            printf("\\%c", c);
+
+        } else if (c >= 0x20 && c < 0x7f) {
+            putchar(c);
+
+        } else {
+            printf("\\x%02x", c);
+        }
+    }
+
+    printf("\" (%zu bytes)\n", len);
+}
+
+
+static int
+is_size(size_t got, size_t expected, const char *name, const char *what)
+{
+    if (!test_ok(got == expected, "%s: %s", name, what)) {
+        printf("#   expected: %zu\n", expected);
+        printf("#        got: %zu\n", got);
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/* Writes bytes for a test name, with non-printable bytes as \xNN. */
+static const char *
+escape_bytes(const char *s, size_t len, char *buf, size_t size)
+{
+    size_t          i, n;
+    unsigned char   c;
+
+    n = 0;
+
+    for (i = 0; i < len && n + 5 < size; i++) {
+        c = (unsigned char) s[i];
+
+        if (c >= 0x20 && c < 0x7f) {
+            buf[n++] = (char) c;
+
+        } else {
+            n += snprintf(buf + n, size - n, "\\x%02x", c);
+        }
+    }
+
+    buf[n] = '\0';
+
+    return buf;
+}
+
+
+static const char *
+encoding_name(stories_encoding_e encoding)
+{
+    switch (encoding) {
+    case STORIES_ENCODING_IDENTITY:
+        return "identity";
+    case STORIES_ENCODING_GZIP:
+        return "gzip";
+    case STORIES_ENCODING_DEFLATE:
+        return "deflate";
+    case STORIES_ENCODING_UNKNOWN:
+        return "unknown";
+    }
+
+    return "invalid enum value";
+}
+
+
+static const char *
+inflate_status_name(int rc)
+{
+    switch (rc) {
+    case STORIES_INFLATE_OK:
+        return "OK";
+    case STORIES_INFLATE_NO_MEMORY:
+        return "NO_MEMORY";
+    case STORIES_INFLATE_TOO_LARGE:
+        return "TOO_LARGE";
+    case STORIES_INFLATE_CORRUPT:
+        return "CORRUPT";
+    }
+
+    return "invalid status";
+}
+
+
+/* Helpers that build inputs and run the code under test */
+
+
+/* Copies data into a buffer of exactly len bytes, with no NUL after it. */
+static char *
+copy_exact(const char *data, size_t len)
+{
+    char  *copy;
+
+    copy = malloc(len != 0 ? len : 1);
+    if (copy == NULL) {
+        printf("Bail out! malloc() of %zu bytes failed\n", len);
+        exit(1);
+    }
+
+    if (len != 0) {
+        memcpy(copy, data, len);
+    }
+
+    return copy;
+}
+
+
+/*
+ * Returns len bytes of printable text that compresses poorly, so that a
+ * test of the output limit does not depend on one long run of a byte.
+ */
+static char *
+make_text(size_t len)
+{
+    char      *text;
+    size_t     i;
+    unsigned   state;
+
+    text = malloc(len != 0 ? len : 1);
+    if (text == NULL) {
+        printf("Bail out! malloc() of %zu bytes failed\n", len);
+        exit(1);
+    }
+
+    state = 12345;
+
+    for (i = 0; i < len; i++) {
+        state = state * 1103515245 + 12345;
+        text[i] = (char) ('a' + (state >> 16) % 26);
+    }
+
+    return text;
+}
+
+
+/* Compresses data with zlib in the format that bits selects. */
+static char *
+compress_bytes(int bits, const char *data, size_t len, size_t *out_len)
+{
+    int        rc;
+    char      *out;
+    size_t     size;
+    z_stream   zs;
+
+    memset(&zs, 0, sizeof(z_stream));
+
+    if (deflateInit2(&zs, Z_BEST_COMPRESSION, Z_DEFLATED, bits, 8,
+                     Z_RLE)
+        != Z_OK)
+    {
+        printf("Bail out! deflateInit2() failed\n");
+        exit(1);
+    }
+
+    size = deflateBound(&zs, len) + 32;
+
+    out = malloc(size);
+    if (out == NULL) {
+        printf("Bail out! malloc() of %zu bytes failed\n", size);
+        exit(1);
+    }
+
+    zs.next_in = (unsigned char *) data;
+    zs.avail_in = (uInt) len;
+    zs.next_out = (unsigned char *) out;
+    zs.avail_out = (uInt) size;
+
+    rc = deflate(&zs, Z_FINISH);
+    if (rc != Z_STREAM_END) {
+        printf("Bail out! deflate() returned %d\n", rc);
+        exit(1);
+    }
+
+    *out_len = zs.total_out;
+
+    deflateEnd(&zs);
+
+    return out;
+}
+
+
+/*
+ * Compresses total bytes of zeros, fed to deflate() one chunk at a time so
+ * that the uncompressed data never exists in memory.  The run-length
+ * strategy is much faster than the default one on zeros, with about the
+ * same ratio.
+ */
+static char *
+compress_zeros(int bits, size_t total, size_t *out_len)
+{
+    int             rc, flush;
+    char           *out;
+    size_t          size, fed, chunk;
+    z_stream        zs;
+    static char     zeros[1 << 20];
+
+    memset(&zs, 0, sizeof(z_stream));
+
+    if (deflateInit2(&zs, Z_BEST_COMPRESSION, Z_DEFLATED, bits, 8,
+                     Z_DEFAULT_STRATEGY)
+        != Z_OK)
+    {
+        printf("Bail out! deflateInit2() failed\n");
+        exit(1);
+    }
+
+    /*
+     * An estimate: zeros compress about 1000 to 1.  The check in the loop
+     * bails out if the output buffer turns out too small.
+     */
+
+    size = total / 1000 + 65536;
+
+    out = malloc(size);
+    if (out == NULL) {
+        printf("Bail out! malloc() of %zu bytes failed\n", size);
+        exit(1);
+    }
+
+    zs.next_out = (unsigned char *) out;
+    zs.avail_out = (uInt) size;
+
+    fed = 0;
+
+    do {
+        chunk = total - fed < sizeof(zeros) ? total - fed : sizeof(zeros);
+        fed += chunk;
+        flush = (fed == total) ? Z_FINISH : Z_NO_FLUSH;
+
+        zs.next_in = (unsigned char *) zeros;
+        zs.avail_in = (uInt) chunk;
+
+        rc = deflate(&zs, flush);
+
+        if (rc == Z_STREAM_ERROR || zs.avail_out == 0) {
+            printf("Bail out! compressing zeros failed: %d\n", rc);
+            exit(1);
+        }
+
+    } while (flush != Z_FINISH);
+
+    if (rc != Z_STREAM_END) {
+        printf("Bail out! deflate() returned %d at the end\n", rc);
+        exit(1);
+    }
+
+    *out_len = zs.total_out;
+
+    deflateEnd(&zs);
+
+    return out;
+}
+
+
+/* Runs stories_inflate() on a copy of the input of exactly len bytes. */
+static int
+run_inflate(stories_encoding_e encoding, const char *in, size_t len,
+    size_t max, char **out, size_t *out_len)
+{
+    int    rc;
+    char  *copy;
+
+    copy = copy_exact(in, len);
+
+    *out = NULL;
+    *out_len = 0;
+
+    rc = stories_inflate(encoding, copy, len, max, out, out_len);
+
+    free(copy);
+
+    return rc;
+}
+
+
+static void
+expect_inflated(const char *name, stories_encoding_e encoding,
+    const char *in, size_t len, size_t max, const char *expected,
+    size_t expected_len)
+{
+    int     rc, same;
+    char   *out;
+    size_t  out_len;
+
+    rc = run_inflate(encoding, in, len, max, &out, &out_len);
+
+    if (!test_ok(rc == STORIES_INFLATE_OK, "%s: inflated", name)) {
+        printf("#   expected: OK\n");
+        printf("#        got: %s\n", inflate_status_name(rc));
+        return;
+    }
+
+    is_size(out_len, expected_len, name, "output length");
+
+    same = out_len == expected_len
+           && (expected_len == 0 || memcmp(out, expected, expected_len) == 0);
+
+    if (!test_ok(same, "%s: output bytes", name) && expected_len <= 200) {
+        print_bytes("expected", expected, expected_len);
+        print_bytes("got", out, out_len);
+    }
+
+    free(out);
+}
+
+
+static void
+expect_failure(const char *name, stories_encoding_e encoding,
+    const char *in, size_t len, size_t max, int status)
+{
+    int     rc;
+    char   *out;
+    size_t  out_len;
+
+    rc = run_inflate(encoding, in, len, max, &out, &out_len);
+
+    if (!test_ok(rc == status, "%s: %s", name, inflate_status_name(status))) {
+        printf("#   expected: %s\n", inflate_status_name(status));
+        printf("#        got: %s\n", inflate_status_name(rc));
+    }
+
+    if (rc == STORIES_INFLATE_OK) {
+        free(out);
+    }
+}
+
+
+/* Tests */
+
+
+static void
+test_content_type(void)
+{
+    int                        allowed;
+    char                      *copy, label[128];
+    size_t                     i, len;
+    const content_type_case_t  *c;
+
+    static const content_type_case_t  cases[] = {
+        { "application/json", 0, 1 },
+        { "application/json; charset=utf-8", 0, 1 },
+        { "application/json;charset=UTF-8", 0, 1 },
+        { "APPLICATION/JSON", 0, 1 },
+        { "Application/Json; Charset=UTF-8", 0, 1 },
+        { " application/json ", 0, 1 },
+        { "\tapplication/json", 0, 1 },
+        { "application/json ; charset=utf-8", 0, 1 },
+        { "application/json;", 0, 1 },
+        { "text/plain", 0, 1 },
+        { "text/plain;charset=UTF-8", 0, 1 },
+        { "TEXT/PLAIN; charset=utf-8", 0, 1 },
+
+        { "", 0, 0 },
+        { " ", 0, 0 },
+        { ";charset=utf-8", 0, 0 },
+        { "application/x-www-form-urlencoded", 0, 0 },
+        { "multipart/form-data; boundary=xyz", 0, 0 },
+        { "text/html", 0, 0 },
+        { "text/html; charset=application/json", 0, 0 },
+        { "application/javascript", 0, 0 },
+        { "application/jsonp", 0, 0 },
+        { "application/json-patch+json", 0, 0 },
+        { "application/ld+json", 0, 0 },
+        { "application/jso", 0, 0 },
+        { "application", 0, 0 },
+        { "text/plainx", 0, 0 },
+        { "text/plai", 0, 0 },
+        { "application json", 0, 0 },
+        { "xapplication/json", 0, 0 },
+
+        /* only letters fold case: a control byte is not "/" or "-" */
+        { "application\x0fjson", 0, 0 },
+        { "text\x0fplain", 0, 0 },
+
+        /* a NUL byte inside the value does not end it */
+        { "application/json\0x", sizeof("application/json\0x") - 1, 0 },
+    };
+
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        c = &cases[i];
+        len = c->len != 0 ? c->len : strlen(c->value);
+
+        copy = copy_exact(c->value, len);
+        allowed = stories_content_type_allowed(copy, len);
+        free(copy);
+
+        if (!test_ok(allowed == c->allowed, "content type %s: %s",
+                     c->allowed ? "allowed" : "rejected",
+                     escape_bytes(c->value, len, label, sizeof(label))))
+        {
+            print_bytes("value", c->value, len);
+            printf("#   expected: %d\n", c->allowed);
+            printf("#        got: %d\n", allowed);
+        }
+    }
+}
+
+
+static void
+test_encoding_names(void)
+{
+    char                   *copy, label[128];
+    size_t                  i, len;
+    stories_encoding_e      encoding;
+    const encoding_case_t  *c;
+
+    static const encoding_case_t  cases[] = {
+        { "", 0, STORIES_ENCODING_IDENTITY },
+        { " ", 0, STORIES_ENCODING_IDENTITY },
+        { "identity", 0, STORIES_ENCODING_IDENTITY },
+        { "IDENTITY", 0, STORIES_ENCODING_IDENTITY },
+        { " Identity ", 0, STORIES_ENCODING_IDENTITY },
+
+        { "gzip", 0, STORIES_ENCODING_GZIP },
+        { "GZIP", 0, STORIES_ENCODING_GZIP },
+        { "Gzip", 0, STORIES_ENCODING_GZIP },
+        { " gzip", 0, STORIES_ENCODING_GZIP },
+        { "gzip ", 0, STORIES_ENCODING_GZIP },
+        { "\tgzip\t", 0, STORIES_ENCODING_GZIP },
+        { "x-gzip", 0, STORIES_ENCODING_GZIP },
+        { "X-GZIP", 0, STORIES_ENCODING_GZIP },
+
+        { "deflate", 0, STORIES_ENCODING_DEFLATE },
+        { "DEFLATE", 0, STORIES_ENCODING_DEFLATE },
+        { " Deflate ", 0, STORIES_ENCODING_DEFLATE },
+
+        { "br", 0, STORIES_ENCODING_UNKNOWN },
+        { "zstd", 0, STORIES_ENCODING_UNKNOWN },
+        { "compress", 0, STORIES_ENCODING_UNKNOWN },
+        { "x-compress", 0, STORIES_ENCODING_UNKNOWN },
+        { "gzip, br", 0, STORIES_ENCODING_UNKNOWN },
+        { "gzip,gzip", 0, STORIES_ENCODING_UNKNOWN },
+        { "deflate, gzip", 0, STORIES_ENCODING_UNKNOWN },
+        { "identity, gzip", 0, STORIES_ENCODING_UNKNOWN },
+        { "gzip;q=1", 0, STORIES_ENCODING_UNKNOWN },
+        { "gzi", 0, STORIES_ENCODING_UNKNOWN },
+        { "gzipx", 0, STORIES_ENCODING_UNKNOWN },
+        { "xgzip", 0, STORIES_ENCODING_UNKNOWN },
+        { "g zip", 0, STORIES_ENCODING_UNKNOWN },
+        { "deflat", 0, STORIES_ENCODING_UNKNOWN },
+        { "deflate-raw", 0, STORIES_ENCODING_UNKNOWN },
+        { "identityx", 0, STORIES_ENCODING_UNKNOWN },
+
+        /* only letters fold case: a control byte is not "-" */
+        { "x\rgzip", 0, STORIES_ENCODING_UNKNOWN },
+
+        /* a NUL byte inside the value does not end it */
+        { "gzip\0br", sizeof("gzip\0br") - 1, STORIES_ENCODING_UNKNOWN },
+    };
+
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        c = &cases[i];
+        len = c->len != 0 ? c->len : strlen(c->value);
+
+        copy = copy_exact(c->value, len);
+        encoding = stories_encoding_from_header(copy, len);
+        free(copy);
+
+        if (!test_ok(encoding == c->encoding, "encoding \"%s\" is %s",
+                     escape_bytes(c->value, len, label, sizeof(label)),
+                     encoding_name(c->encoding)))
+        {
+            print_bytes("value", c->value, len);
+            printf("#   expected: %s\n", encoding_name(c->encoding));
+            printf("#        got: %s\n", encoding_name(encoding));
+        }
+    }
+}
+
+
+static void
+test_inflate_formats(void)
+{
+    char    name[64], *text, *compressed;
+    size_t  i, len, compressed_len;
+
+    len = sizeof(json_body) - 1;
+
+    for (i = 0; i < NFORMATS; i++) {
+        compressed = compress_bytes(formats[i].bits, json_body, len,
+                                    &compressed_len);
+
+        snprintf(name, sizeof(name), "%s json body", formats[i].name);
+        expect_inflated(name, formats[i].encoding, compressed,
+                        compressed_len, 512000, json_body, len);
+
+        free(compressed);
+    }
+
+    /* larger than the first output buffer, so the buffer has to grow */
+
+    len = 300000;
+    text = make_text(len);
+
+    for (i = 0; i < NFORMATS; i++) {
+        compressed = compress_bytes(formats[i].bits, text, len,
+                                    &compressed_len);
+
+        snprintf(name, sizeof(name), "%s 300000 bytes", formats[i].name);
+        expect_inflated(name, formats[i].encoding, compressed,
+                        compressed_len, 512000, text, len);
+
+        free(compressed);
+    }
+
+    free(text);
+
+    /* a gzip stream sent as "deflate" is neither zlib nor raw deflate */
+
+    compressed = compress_bytes(GZIP_BITS, json_body, sizeof(json_body) - 1,
+                                &compressed_len);
+    expect_failure("gzip stream as deflate", STORIES_ENCODING_DEFLATE,
+                   compressed, compressed_len, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(compressed);
+}
+
+
+/*
+ * Output of exactly max bytes is accepted and max + 1 is rejected, for
+ * small outputs and for ones past the first output buffer.
+ */
+static void
+test_inflate_limit(void)
+{
+    char    name[96], *text, *compressed;
+    size_t  i, j, len, compressed_len;
+
+    static const size_t  sizes[] = { 1, 100, 16383, 16384, 16385, 100000 };
+
+    for (j = 0; j < sizeof(sizes) / sizeof(sizes[0]); j++) {
+        len = sizes[j];
+        text = make_text(len);
+
+        for (i = 0; i < NFORMATS; i++) {
+            compressed = compress_bytes(formats[i].bits, text, len,
+                                        &compressed_len);
+
+            snprintf(name, sizeof(name), "%s %zu bytes with max %zu",
+                     formats[i].name, len, len);
+            expect_inflated(name, formats[i].encoding, compressed,
+                            compressed_len, len, text, len);
+
+            snprintf(name, sizeof(name), "%s %zu bytes with max %zu",
+                     formats[i].name, len, len - 1);
+            expect_failure(name, formats[i].encoding, compressed,
+                           compressed_len, len - 1,
+                           STORIES_INFLATE_TOO_LARGE);
+
+            free(compressed);
+        }
+
+        free(text);
+    }
+
+    /* zeros compress well, so the input is far smaller than the output */
+
+    len = 512001;
+    text = calloc(1, len);
+    if (text == NULL) {
+        printf("Bail out! calloc() of %zu bytes failed\n", len);
+        exit(1);
+    }
+
+    for (i = 0; i < NFORMATS; i++) {
+        compressed = compress_bytes(formats[i].bits, text, len - 1,
+                                    &compressed_len);
+
+        snprintf(name, sizeof(name), "%s 512000 zeros with max 512000",
+                 formats[i].name);
+        expect_inflated(name, formats[i].encoding, compressed,
+                        compressed_len, 512000, text, len - 1);
+
+        free(compressed);
+
+        compressed = compress_bytes(formats[i].bits, text, len,
+                                    &compressed_len);
+
+        snprintf(name, sizeof(name), "%s 512001 zeros with max 512000",
+                 formats[i].name);
+        expect_failure(name, formats[i].encoding, compressed,
+                       compressed_len, 512000, STORIES_INFLATE_TOO_LARGE);
+
+        free(compressed);
+    }
+
+    free(text);
+}
+
+
+/*
+ * A stream that inflates to 128 MiB of zeros, 262 times max, is rejected.
+ * Inflation stops at max, so the 128 MiB never exist in memory.
+ */
+static void
+test_inflate_bomb(void)
+{
+    char    name[64], *compressed;
+    size_t  i, compressed_len;
+
+    for (i = 0; i < NFORMATS; i++) {
+        compressed = compress_zeros(formats[i].bits, (size_t) 128 << 20,
+                                    &compressed_len);
+
+        snprintf(name, sizeof(name), "%s 128 MiB of zeros", formats[i].name);
+        expect_failure(name, formats[i].encoding, compressed, compressed_len,
+                       512000, STORIES_INFLATE_TOO_LARGE);
+
+        free(compressed);
+    }
+}
+
+
+static void
+test_inflate_corrupt(void)
+{
+    char    name[64], *compressed;
+    size_t  i, len, compressed_len;
+
+    static const char  garbage[] = "this is not a compressed stream";
+
+    len = sizeof(json_body) - 1;
+
+    for (i = 0; i < NFORMATS; i++) {
+        snprintf(name, sizeof(name), "%s of plain text", formats[i].name);
+        expect_failure(name, formats[i].encoding, garbage,
+                       sizeof(garbage) - 1, 512000, STORIES_INFLATE_CORRUPT);
+
+        snprintf(name, sizeof(name), "%s of plain json", formats[i].name);
+        expect_failure(name, formats[i].encoding, json_body, len, 512000,
+                       STORIES_INFLATE_CORRUPT);
+    }
+
+    /* gzip's trailer is the CRC-32 of the output, then its length */
+
+    compressed = compress_bytes(GZIP_BITS, json_body, len, &compressed_len);
+    compressed[compressed_len - 8] ^= 0x01;
+    expect_failure("gzip with wrong crc", STORIES_ENCODING_GZIP, compressed,
+                   compressed_len, 512000, STORIES_INFLATE_CORRUPT);
+    free(compressed);
+
+    compressed = compress_bytes(GZIP_BITS, json_body, len, &compressed_len);
+    compressed[compressed_len - 4] ^= 0x01;
+    expect_failure("gzip with wrong length", STORIES_ENCODING_GZIP,
+                   compressed, compressed_len, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(compressed);
+
+    compressed = compress_bytes(GZIP_BITS, json_body, len, &compressed_len);
+    compressed[0] = 0x1e;
+    expect_failure("gzip with wrong magic", STORIES_ENCODING_GZIP, compressed,
+                   compressed_len, 512000, STORIES_INFLATE_CORRUPT);
+    free(compressed);
+
+    /* zlib's trailer is the Adler-32 of the output */
+
+    compressed = compress_bytes(ZLIB_BITS, json_body, len, &compressed_len);
+    compressed[compressed_len - 1] ^= 0x01;
+    expect_failure("zlib with wrong adler32", STORIES_ENCODING_DEFLATE,
+                   compressed, compressed_len, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(compressed);
+
+    /* block type 3 is reserved in deflate (RFC 1951) */
+
+    expect_failure("raw deflate with block type 3", STORIES_ENCODING_DEFLATE,
+                   "\x07\x00\x00\x00", 4, 512000, STORIES_INFLATE_CORRUPT);
+}
+
+
+static void
+test_inflate_truncated(void)
+{
+    char    name[80], *compressed;
+    size_t  i, len, compressed_len, cut;
+
+    len = sizeof(json_body) - 1;
+
+    for (i = 0; i < NFORMATS; i++) {
+        compressed = compress_bytes(formats[i].bits, json_body, len,
+                                    &compressed_len);
+
+        cut = compressed_len - 1;
+        snprintf(name, sizeof(name), "%s without its last byte",
+                 formats[i].name);
+        expect_failure(name, formats[i].encoding, compressed, cut, 512000,
+                       STORIES_INFLATE_CORRUPT);
+
+        cut = compressed_len / 2;
+        snprintf(name, sizeof(name), "%s cut to %zu of %zu bytes",
+                 formats[i].name, cut, compressed_len);
+        expect_failure(name, formats[i].encoding, compressed, cut, 512000,
+                       STORIES_INFLATE_CORRUPT);
+
+        cut = 1;
+        snprintf(name, sizeof(name), "%s cut to 1 byte", formats[i].name);
+        expect_failure(name, formats[i].encoding, compressed, cut, 512000,
+                       STORIES_INFLATE_CORRUPT);
+
+        free(compressed);
+    }
+
+    /* a gzip stream without its 8-byte trailer of CRC-32 and length */
+
+    compressed = compress_bytes(GZIP_BITS, json_body, len, &compressed_len);
+    expect_failure("gzip without trailer", STORIES_ENCODING_GZIP, compressed,
+                   compressed_len - 8, 512000, STORIES_INFLATE_CORRUPT);
+    free(compressed);
+
+    /* a gzip header alone, 10 bytes */
+
+    compressed = compress_bytes(GZIP_BITS, json_body, len, &compressed_len);
+    expect_failure("gzip header only", STORIES_ENCODING_GZIP, compressed, 10,
+                   512000, STORIES_INFLATE_CORRUPT);
+    free(compressed);
+}
+
+
+static void
+test_inflate_trailing_data(void)
+{
+    char    name[64], *compressed, *padded;
+    size_t  i, len, compressed_len;
+
+    len = sizeof(json_body) - 1;
+
+    for (i = 0; i < NFORMATS; i++) {
+        compressed = compress_bytes(formats[i].bits, json_body, len,
+                                    &compressed_len);
+
+        padded = malloc(compressed_len + 4);
+        if (padded == NULL) {
+            printf("Bail out! malloc() failed\n");
+            exit(1);
+        }
+
+        memcpy(padded, compressed, compressed_len);
+        memcpy(padded + compressed_len, "junk", 4);
+
+        snprintf(name, sizeof(name), "%s with trailing bytes",
+                 formats[i].name);
+        expect_failure(name, formats[i].encoding, padded, compressed_len + 4,
+                       512000, STORIES_INFLATE_CORRUPT);
+
+        /* a single zero byte after the stream is still data after it */
+
+        padded[compressed_len] = '\0';
+
+        snprintf(name, sizeof(name), "%s with a trailing zero byte",
+                 formats[i].name);
+        expect_failure(name, formats[i].encoding, padded, compressed_len + 1,
+                       512000, STORIES_INFLATE_CORRUPT);
+
+        free(padded);
+        free(compressed);
+    }
+}
+
+
+static void
+test_inflate_empty(void)
+{
+    char    name[64], *compressed;
+    size_t  i, compressed_len;
+
+    for (i = 0; i < NFORMATS; i++) {
+        snprintf(name, sizeof(name), "%s of no bytes", formats[i].name);
+        expect_failure(name, formats[i].encoding, "", 0, 512000,
+                       STORIES_INFLATE_CORRUPT);
+
+        /* a complete stream of an empty body inflates to no bytes */
+
+        compressed = compress_bytes(formats[i].bits, "", 0, &compressed_len);
+
+        snprintf(name, sizeof(name), "%s stream of an empty body",
+                 formats[i].name);
+        expect_inflated(name, formats[i].encoding, compressed,
+                        compressed_len, 512000, "", 0);
+
+        snprintf(name, sizeof(name), "%s empty body with max 0",
+                 formats[i].name);
+        expect_inflated(name, formats[i].encoding, compressed,
+                        compressed_len, 0, "", 0);
+
+        free(compressed);
+    }
+}
