@@ -71,7 +71,9 @@ struct ngx_http_stories_ctx_s {
     ngx_uint_t                    finished;
     ngx_uint_t                    active;
     ngx_int_t                     phase_rc;
+    ngx_event_t                   free_event;
     unsigned                      front:1;
+    unsigned                      detached:1;
     unsigned                      translated:1;
     unsigned                      responded:1;
 };
@@ -82,6 +84,13 @@ static void ngx_http_stories_front_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_stories_endpoint_handler(ngx_http_request_t *r);
 static void ngx_http_stories_endpoint_body_handler(ngx_http_request_t *r);
 static void ngx_http_stories_endpoint_wake(ngx_http_request_t *r);
+static ngx_http_stories_ctx_t *ngx_http_stories_detach(ngx_http_request_t *r,
+    ngx_http_stories_ctx_t *client_ctx);
+static ngx_connection_t *ngx_http_stories_fake_connection(
+    ngx_http_request_t *r, ngx_pool_t *pool);
+static ngx_http_request_t *ngx_http_stories_fake_request(
+    ngx_http_request_t *r, ngx_connection_t *c);
+static void ngx_http_stories_detached_free(ngx_event_t *ev);
 static ngx_int_t ngx_http_stories_check_headers(ngx_http_request_t *r,
     stories_encoding_e *encoding, const char **error);
 static ngx_int_t ngx_http_stories_translate(ngx_http_request_t *r,
@@ -360,21 +369,40 @@ ngx_http_stories_front_handler(ngx_http_request_t *r)
 static void
 ngx_http_stories_front_body_handler(ngx_http_request_t *r)
 {
-    ngx_http_stories_ctx_t  *ctx;
+    ngx_http_stories_ctx_t  *ctx, *dctx;
 
     ctx = ngx_http_stories_get_ctx(r);
 
-    if (ngx_http_stories_translate(r, ctx) == NGX_OK) {
+    dctx = ngx_http_stories_detach(r, ctx);
 
-        if (ctx->result.status != 0) {
+    if (dctx == NULL) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "stories: %s call not forwarded: failed to create "
+                      "the request that sends it",
+                      stories_call_name(ctx->call));
+
+    } else if (ngx_http_stories_translate(r, dctx) != NGX_OK
+               || dctx->result.status != 0
+               || dctx->result.nrequests == 0)
+    {
+        if (dctx->result.status != 0) {
             ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                           "stories: %s call not forwarded: %s",
-                          stories_call_name(ctx->call), ctx->result.error);
+                          stories_call_name(ctx->call), dctx->result.error);
 
         } else {
-            ngx_http_stories_log_notes(r, ctx);
-            ngx_http_stories_start(ctx);
+            ngx_http_stories_log_notes(r, dctx);
         }
+
+        ngx_http_stories_detached_free(&dctx->free_event);
+
+    } else {
+        ngx_http_stories_log_notes(r, dctx);
+        ngx_http_stories_start(dctx);
+
+        /* subrequests of the detached request are posted to it alone */
+
+        ngx_http_run_posted_requests(dctx->request->connection);
     }
 
     /* the request goes on to its own handler whatever happened above */
@@ -387,8 +415,244 @@ ngx_http_stories_front_body_handler(ngx_http_request_t *r)
 
 
 /*
+ * Creates a request of the module's own, on a connection without a
+ * socket, to be the parent of the Stories subrequests in front of an
+ * existing endpoint.  The client's request then ends, and frees its
+ * keepalive connection, without waiting for Stories, and a client that
+ * goes away does not cancel the delivery.
+ */
+
+static ngx_http_stories_ctx_t *
+ngx_http_stories_detach(ngx_http_request_t *r,
+    ngx_http_stories_ctx_t *client_ctx)
+{
+    ngx_pool_t              *pool;
+    ngx_connection_t        *c;
+    ngx_http_request_t      *fr;
+    ngx_pool_cleanup_t      *cln;
+    ngx_http_stories_ctx_t  *ctx;
+
+    pool = ngx_create_pool(NGX_DEFAULT_POOL_SIZE, r->connection->log);
+    if (pool == NULL) {
+        return NULL;
+    }
+
+    c = ngx_http_stories_fake_connection(r, pool);
+    if (c == NULL) {
+        goto failed;
+    }
+
+    fr = ngx_http_stories_fake_request(r, c);
+    if (fr == NULL) {
+        goto failed;
+    }
+
+    ctx = ngx_pcalloc(pool, sizeof(ngx_http_stories_ctx_t));
+    if (ctx == NULL) {
+        goto failed;
+    }
+
+    cln = ngx_pool_cleanup_add(pool, 0);
+    if (cln == NULL) {
+        goto failed;
+    }
+
+    ctx->request = fr;
+    ctx->conf = client_ctx->conf;
+    ctx->call = client_ctx->call;
+    ctx->encoding = client_ctx->encoding;
+    ctx->front = 1;
+    ctx->detached = 1;
+
+    ctx->free_event.handler = ngx_http_stories_detached_free;
+    ctx->free_event.data = ctx;
+    ctx->free_event.log = c->log;
+
+    cln->handler = ngx_http_stories_cleanup;
+    cln->data = ctx;
+
+    ngx_http_set_ctx(fr, ctx, ngx_http_stories_module);
+
+    return ctx;
+
+failed:
+
+    ngx_destroy_pool(pool);
+    return NULL;
+}
+
+
+static ngx_connection_t *
+ngx_http_stories_fake_connection(ngx_http_request_t *r, ngx_pool_t *pool)
+{
+    ngx_log_t           *log;
+    ngx_connection_t    *c, *client;
+    ngx_http_log_ctx_t  *lctx;
+
+    client = r->connection;
+
+    c = ngx_pcalloc(pool, sizeof(ngx_connection_t));
+    if (c == NULL) {
+        return NULL;
+    }
+
+    log = ngx_palloc(pool, sizeof(ngx_log_t));
+    lctx = ngx_pcalloc(pool, sizeof(ngx_http_log_ctx_t));
+    c->read = ngx_pcalloc(pool, sizeof(ngx_event_t));
+    c->write = ngx_pcalloc(pool, sizeof(ngx_event_t));
+
+    if (log == NULL || lctx == NULL || c->read == NULL || c->write == NULL) {
+        return NULL;
+    }
+
+    /* log lines keep the client's connection number and address */
+
+    *log = *client->log;
+    log->data = lctx;
+    log->action = "sending to Stories";
+    lctx->connection = c;
+
+    c->fd = (ngx_socket_t) -1;
+    c->pool = pool;
+    c->log = log;
+    c->number = client->number;
+    c->listening = client->listening;
+    c->read->data = c;
+    c->read->log = log;
+    c->write->data = c;
+    c->write->log = log;
+
+    /* with no socket, marking both events active keeps epoll away */
+
+    c->read->active = 1;
+    c->write->active = 1;
+
+    c->addr_text.data = ngx_pstrdup(pool, &client->addr_text);
+    c->addr_text.len = client->addr_text.len;
+
+    c->sockaddr = ngx_palloc(pool, client->socklen);
+    c->local_sockaddr = ngx_palloc(pool, client->local_socklen);
+
+    if (c->addr_text.data == NULL || c->sockaddr == NULL
+        || c->local_sockaddr == NULL)
+    {
+        return NULL;
+    }
+
+    ngx_memcpy(c->sockaddr, client->sockaddr, client->socklen);
+    c->socklen = client->socklen;
+    ngx_memcpy(c->local_sockaddr, client->local_sockaddr,
+               client->local_socklen);
+    c->local_socklen = client->local_socklen;
+
+    return c;
+}
+
+
+static ngx_http_request_t *
+ngx_http_stories_fake_request(ngx_http_request_t *r, ngx_connection_t *c)
+{
+    ngx_time_t                 *tp;
+    ngx_http_request_t         *fr;
+    ngx_http_log_ctx_t         *lctx;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    fr = ngx_pcalloc(c->pool, sizeof(ngx_http_request_t));
+    if (fr == NULL) {
+        return NULL;
+    }
+
+    cmcf = ngx_http_get_module_main_conf(r, ngx_http_core_module);
+
+    fr->ctx = ngx_pcalloc(c->pool, sizeof(void *) * ngx_http_max_module);
+    fr->variables = ngx_pcalloc(c->pool, cmcf->variables.nelts
+                                         * sizeof(ngx_http_variable_value_t));
+    fr->request_line.data = ngx_pstrdup(c->pool, &r->request_line);
+    fr->uri.data = ngx_pstrdup(c->pool, &r->uri);
+
+    if (fr->ctx == NULL || fr->variables == NULL
+        || fr->request_line.data == NULL || fr->uri.data == NULL)
+    {
+        return NULL;
+    }
+
+    if (ngx_list_init(&fr->headers_in.headers, c->pool, 1,
+                      sizeof(ngx_table_elt_t))
+        != NGX_OK
+        || ngx_list_init(&fr->headers_out.headers, c->pool, 1,
+                         sizeof(ngx_table_elt_t))
+           != NGX_OK
+        || ngx_list_init(&fr->headers_out.trailers, c->pool, 1,
+                         sizeof(ngx_table_elt_t))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    fr->pool = c->pool;
+    fr->connection = c;
+    fr->signature = NGX_HTTP_MODULE;
+    fr->main = fr;
+    fr->count = 1;
+    fr->main_conf = r->main_conf;
+    fr->srv_conf = r->srv_conf;
+    fr->loc_conf = r->loc_conf;
+    fr->log_handler = r->log_handler;
+    fr->read_event_handler = ngx_http_block_reading;
+    fr->write_event_handler = ngx_http_request_empty_handler;
+
+    fr->method = NGX_HTTP_POST;
+    fr->method_name = ngx_http_stories_post;
+    fr->http_version = NGX_HTTP_VERSION_11;
+    fr->http_protocol = r->http_protocol;
+    fr->request_line.len = r->request_line.len;
+    fr->uri.len = r->uri.len;
+    fr->unparsed_uri = fr->uri;
+    fr->headers_in.content_length_n = -1;
+    fr->headers_in.keep_alive_n = -1;
+    fr->headers_out.content_length_n = -1;
+    fr->subrequests = NGX_HTTP_MAX_SUBREQUESTS + 1;
+    fr->internal = 1;
+
+    /* the client's request has its own access log line */
+
+    fr->logged = 1;
+
+    tp = ngx_timeofday();
+    fr->start_sec = tp->sec;
+    fr->start_msec = tp->msec;
+
+    lctx = c->log->data;
+    lctx->request = fr;
+    lctx->current_request = fr;
+
+    c->data = fr;
+
+    return fr;
+}
+
+
+/*
+ * Frees the detached request once its last subrequest has ended.  It runs
+ * as a posted event, after the subrequest's own finalization has let go
+ * of the request.
+ */
+
+static void
+ngx_http_stories_detached_free(ngx_event_t *ev)
+{
+    ngx_http_stories_ctx_t  *ctx = ev->data;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ev->log, 0, "stories detached free");
+
+    ngx_http_free_request(ctx->request, 0);
+}
+
+
+/*
  * In a location without a content handler, the module is the Segment
- * endpoint: it answers once Stories has answered every request.
+ * endpoint.  It sends the client's response once every Stories request
+ * has ended.
  */
 
 static ngx_int_t
@@ -575,7 +839,7 @@ ngx_http_stories_check_headers(ngx_http_request_t *r,
 
 /*
  * Reads, inflates and translates the body.  A body that cannot be taken
- * leaves the status and the reason in ctx->result; NGX_ERROR means an
+ * leaves the status and the reason in ctx->result.  NGX_ERROR means an
  * internal failure that nginx has logged already.
  */
 
@@ -635,8 +899,9 @@ ngx_http_stories_translate(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
         return NGX_OK;
     }
 
-    ctx->deliveries = ngx_pcalloc(r->pool, ctx->result.nrequests
-                                           * sizeof(ngx_http_stories_delivery_t));
+    ctx->deliveries = ngx_pcalloc(ctx->request->pool,
+                                  ctx->result.nrequests
+                                  * sizeof(ngx_http_stories_delivery_t));
     if (ctx->deliveries == NULL) {
         return NGX_ERROR;
     }
@@ -927,9 +1192,9 @@ ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
           ? &ctx->conf->events_uri : &ctx->conf->users_uri;
 
     /*
-     * Background subrequests keep the client's response independent of
-     * their order; the body is captured in memory, so that the upstream
-     * connection to Stories can be kept alive.
+     * Background subrequests run in parallel and write nothing to the
+     * client.  Their response bodies are read into memory, so that the
+     * upstream connection to Stories can be kept alive.
      */
 
     if (ngx_http_subrequest(r, uri, NULL, &sr, ps,
@@ -1069,6 +1334,16 @@ ngx_http_stories_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
     }
 
     ngx_http_stories_start(ctx);
+
+    if (ctx->detached) {
+        if (ctx->finished == ctx->result.nrequests
+            && !ctx->free_event.posted)
+        {
+            ngx_post_event(&ctx->free_event, &ngx_posted_events);
+        }
+
+        return NGX_OK;
+    }
 
     if (!ctx->front && ngx_http_post_request(ctx->request, NULL) != NGX_OK) {
         return NGX_ERROR;
@@ -1552,8 +1827,8 @@ ngx_http_stories_send_json(ngx_http_request_t *r, ngx_uint_t status,
 
 
 /*
- * Answers a CORS preflight request, so that analytics.js can post to the
- * endpoint from the pages of the configured origins.
+ * Responds to a CORS preflight request, so that analytics.js can post to
+ * the endpoint from the pages of the configured origins.
  */
 
 static ngx_int_t
@@ -1751,7 +2026,7 @@ ngx_http_stories_log_notes(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
 
 /*
  * The context is also found through the pool cleanup, because an internal
- * redirect clears the module contexts; a call is then never sent twice.
+ * redirect clears the module contexts.  So a call is never sent twice.
  */
 
 static ngx_http_stories_ctx_t *
@@ -1812,8 +2087,9 @@ ngx_http_stories_create_ctx(ngx_http_request_t *r, stories_call_e call)
 
 /*
  * Frees the translation.  A Stories request that never finished means
- * nginx ended the client's request early, for example on a lost client
- * connection or a fast shutdown: the event is then logged as lost.
+ * that nginx ended the client's request early, for example on a lost
+ * client connection or a fast shutdown.  Such an event is logged and
+ * written to the dead-letter file.
  */
 
 static void
@@ -2056,7 +2332,7 @@ ngx_http_stories_write_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-/* Adds the keys of a file, one per line; empty lines are skipped. */
+/* Adds the keys of a file, one per line.  Empty lines are skipped. */
 
 static char *
 ngx_http_stories_write_keys_file(ngx_conf_t *cf, ngx_command_t *cmd,
