@@ -67,7 +67,8 @@ $(BUILD)/nginx/Makefile: config
 
 $(MODULE): $(BUILD)/nginx/Makefile ngx_http_stories_module.c $(CORE_DEPS)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
-	cp $(BUILD)/nginx/objs/ngx_http_stories_module.so $@
+	cp $(BUILD)/nginx/objs/ngx_http_stories_module.so $@.tmp
+	mv $@.tmp $@
 
 $(BUILD)/%_test: t/unit/%_test.c $(CORE_DEPS)
 	mkdir -p $(BUILD)
