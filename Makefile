@@ -34,7 +34,7 @@ ASAN_REPORT := $(CURDIR)/$(ASAN_DIR)/reports
 
 .PHONY: all deps test unit run clean fuzz test-asan
 
-all: deps $(MODULE) $(UNIT_TESTS)
+all: deps $(MODULE) $(UNIT_TESTS) $(REPLAY)
 
 # Installs what is missing when run as root, otherwise names the command.
 deps:
