@@ -65,7 +65,9 @@ $(BUILD)/nginx/Makefile: config
 	        --add-dynamic-module=$(CURDIR)' >configure.log 2>&1 \
 	    || { tail -n 20 configure.log; exit 1; }
 
-$(MODULE): $(BUILD)/nginx/Makefile ngx_http_stories_module.c $(CORE_DEPS)
+GLUE_DEPS   := ngx_http_stories_module.c $(wildcard src/ngx_http_stories*)
+
+$(MODULE): $(BUILD)/nginx/Makefile $(GLUE_DEPS) $(CORE_DEPS)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
 	cp $(BUILD)/nginx/objs/ngx_http_stories_module.so $@.tmp
 	mv $@.tmp $@
@@ -130,8 +132,8 @@ $(ASAN_DIR)/nginx-1.22.1/objs/Makefile: $(ASAN_DIR)/nginx-1.22.1/configure \
 	    --add-module=$(CURDIR) >../configure.log 2>&1 \
 	    || { tail -n 20 ../configure.log; exit 1; }
 
-$(ASAN_NGINX): $(ASAN_DIR)/nginx-1.22.1/objs/Makefile \
-               ngx_http_stories_module.c $(CORE_DEPS)
+$(ASAN_NGINX): $(ASAN_DIR)/nginx-1.22.1/objs/Makefile $(GLUE_DEPS) \
+               $(CORE_DEPS)
 	$(MAKE) -C $(ASAN_DIR)/nginx-1.22.1 -f objs/Makefile
 
 unit: $(UNIT_TESTS)

@@ -1,0 +1,790 @@
+
+/*
+ * Copyright (C) The ngx_http_stories_module authors
+ *
+ * Stories requests as subrequests: starting them, reading their outcome,
+ * keeping failures in the dead-letter file, and the detached request that
+ * carries them in front of an existing endpoint.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_stories.h"
+
+
+static ngx_connection_t *ngx_http_stories_fake_connection(
+    ngx_http_request_t *r, ngx_pool_t *pool);
+static ngx_http_request_t *ngx_http_stories_fake_request(
+    ngx_http_request_t *r, ngx_connection_t *c);
+static ngx_int_t ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d);
+static ngx_int_t ngx_http_stories_set_headers(ngx_http_request_t *sr,
+    ngx_http_stories_loc_conf_t *slcf, size_t len);
+static ngx_int_t ngx_http_stories_done(ngx_http_request_t *sr, void *data,
+    ngx_int_t rc);
+static void ngx_http_stories_classify(ngx_http_request_t *sr,
+    ngx_http_stories_delivery_t *d, ngx_int_t rc);
+static void ngx_http_stories_log_failure(ngx_log_t *log,
+    ngx_http_stories_delivery_t *d);
+static ngx_int_t ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d, const char *error);
+
+
+static ngx_str_t  ngx_http_stories_post = ngx_string("POST");
+
+
+/*
+ * Creates a request of the module's own, on a connection without a
+ * socket, to be the parent of the Stories subrequests in front of an
+ * existing endpoint.  The client's request then ends, and frees its
+ * keepalive connection, without waiting for Stories, and a client that
+ * goes away does not cancel the delivery.
+ */
+
+ngx_http_stories_ctx_t *
+ngx_http_stories_detach(ngx_http_request_t *r,
+    ngx_http_stories_ctx_t *client_ctx)
+{
+    ngx_pool_t              *pool;
+    ngx_connection_t        *c;
+    ngx_http_request_t      *fr;
+    ngx_pool_cleanup_t      *cln;
+    ngx_http_stories_ctx_t  *ctx;
+
+    pool = ngx_create_pool(NGX_DEFAULT_POOL_SIZE, r->connection->log);
+    if (pool == NULL) {
+        return NULL;
+    }
+
+    c = ngx_http_stories_fake_connection(r, pool);
+    if (c == NULL) {
+        goto failed;
+    }
+
+    fr = ngx_http_stories_fake_request(r, c);
+    if (fr == NULL) {
+        goto failed;
+    }
+
+    ctx = ngx_pcalloc(pool, sizeof(ngx_http_stories_ctx_t));
+    if (ctx == NULL) {
+        goto failed;
+    }
+
+    cln = ngx_pool_cleanup_add(pool, 0);
+    if (cln == NULL) {
+        goto failed;
+    }
+
+    ctx->request = fr;
+    ctx->conf = client_ctx->conf;
+    ctx->call = client_ctx->call;
+    ctx->encoding = client_ctx->encoding;
+    ctx->front = 1;
+    ctx->detached = 1;
+
+    ctx->free_event.handler = ngx_http_stories_detached_free;
+    ctx->free_event.data = ctx;
+    ctx->free_event.log = c->log;
+
+    cln->handler = ngx_http_stories_cleanup;
+    cln->data = ctx;
+
+    ngx_http_set_ctx(fr, ctx, ngx_http_stories_module);
+
+    return ctx;
+
+failed:
+
+    ngx_destroy_pool(pool);
+    return NULL;
+}
+
+
+static ngx_connection_t *
+ngx_http_stories_fake_connection(ngx_http_request_t *r, ngx_pool_t *pool)
+{
+    ngx_log_t           *log;
+    ngx_connection_t    *c, *client;
+    ngx_http_log_ctx_t  *lctx;
+
+    client = r->connection;
+
+    c = ngx_pcalloc(pool, sizeof(ngx_connection_t));
+    if (c == NULL) {
+        return NULL;
+    }
+
+    log = ngx_palloc(pool, sizeof(ngx_log_t));
+    lctx = ngx_pcalloc(pool, sizeof(ngx_http_log_ctx_t));
+    c->read = ngx_pcalloc(pool, sizeof(ngx_event_t));
+    c->write = ngx_pcalloc(pool, sizeof(ngx_event_t));
+
+    if (log == NULL || lctx == NULL || c->read == NULL || c->write == NULL) {
+        return NULL;
+    }
+
+    /* log lines keep the client's connection number and address */
+
+    *log = *client->log;
+    log->data = lctx;
+    log->action = "sending to Stories";
+    lctx->connection = c;
+
+    c->fd = (ngx_socket_t) -1;
+    c->pool = pool;
+    c->log = log;
+    c->number = client->number;
+    c->listening = client->listening;
+    c->read->data = c;
+    c->read->log = log;
+    c->write->data = c;
+    c->write->log = log;
+
+    /* with no socket, marking both events active keeps epoll away */
+
+    c->read->active = 1;
+    c->write->active = 1;
+
+    c->addr_text.data = ngx_pstrdup(pool, &client->addr_text);
+    c->addr_text.len = client->addr_text.len;
+
+    c->sockaddr = ngx_palloc(pool, client->socklen);
+    c->local_sockaddr = ngx_palloc(pool, client->local_socklen);
+
+    if (c->addr_text.data == NULL || c->sockaddr == NULL
+        || c->local_sockaddr == NULL)
+    {
+        return NULL;
+    }
+
+    ngx_memcpy(c->sockaddr, client->sockaddr, client->socklen);
+    c->socklen = client->socklen;
+    ngx_memcpy(c->local_sockaddr, client->local_sockaddr,
+               client->local_socklen);
+    c->local_socklen = client->local_socklen;
+
+    return c;
+}
+
+
+static ngx_http_request_t *
+ngx_http_stories_fake_request(ngx_http_request_t *r, ngx_connection_t *c)
+{
+    ngx_time_t                 *tp;
+    ngx_http_request_t         *fr;
+    ngx_http_log_ctx_t         *lctx;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    fr = ngx_pcalloc(c->pool, sizeof(ngx_http_request_t));
+    if (fr == NULL) {
+        return NULL;
+    }
+
+    cmcf = ngx_http_get_module_main_conf(r, ngx_http_core_module);
+
+    fr->ctx = ngx_pcalloc(c->pool, sizeof(void *) * ngx_http_max_module);
+    fr->variables = ngx_pcalloc(c->pool, cmcf->variables.nelts
+                                         * sizeof(ngx_http_variable_value_t));
+    fr->request_line.data = ngx_pstrdup(c->pool, &r->request_line);
+    fr->uri.data = ngx_pstrdup(c->pool, &r->uri);
+
+    if (fr->ctx == NULL || fr->variables == NULL
+        || fr->request_line.data == NULL || fr->uri.data == NULL)
+    {
+        return NULL;
+    }
+
+    if (ngx_list_init(&fr->headers_in.headers, c->pool, 1,
+                      sizeof(ngx_table_elt_t))
+        != NGX_OK
+        || ngx_list_init(&fr->headers_out.headers, c->pool, 1,
+                         sizeof(ngx_table_elt_t))
+           != NGX_OK
+        || ngx_list_init(&fr->headers_out.trailers, c->pool, 1,
+                         sizeof(ngx_table_elt_t))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    fr->pool = c->pool;
+    fr->connection = c;
+    fr->signature = NGX_HTTP_MODULE;
+    fr->main = fr;
+    fr->count = 1;
+    fr->main_conf = r->main_conf;
+    fr->srv_conf = r->srv_conf;
+    fr->loc_conf = r->loc_conf;
+    fr->log_handler = r->log_handler;
+    fr->read_event_handler = ngx_http_block_reading;
+    fr->write_event_handler = ngx_http_request_empty_handler;
+
+    fr->method = NGX_HTTP_POST;
+    fr->method_name = ngx_http_stories_post;
+    fr->http_version = NGX_HTTP_VERSION_11;
+    fr->http_protocol = r->http_protocol;
+    fr->request_line.len = r->request_line.len;
+    fr->uri.len = r->uri.len;
+    fr->unparsed_uri = fr->uri;
+    fr->headers_in.content_length_n = -1;
+    fr->headers_in.keep_alive_n = -1;
+    fr->headers_out.content_length_n = -1;
+    fr->subrequests = NGX_HTTP_MAX_SUBREQUESTS + 1;
+    fr->internal = 1;
+
+    /* the client's request has its own access log line */
+
+    fr->logged = 1;
+
+    tp = ngx_timeofday();
+    fr->start_sec = tp->sec;
+    fr->start_msec = tp->msec;
+
+    lctx = c->log->data;
+    lctx->request = fr;
+    lctx->current_request = fr;
+
+    c->data = fr;
+
+    return fr;
+}
+
+
+/*
+ * Frees the detached request once its last subrequest has ended.  It runs
+ * as a posted event, after the subrequest's own finalization has let go
+ * of the request.
+ */
+
+void
+ngx_http_stories_detached_free(ngx_event_t *ev)
+{
+    ngx_http_stories_ctx_t  *ctx = ev->data;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ev->log, 0, "stories detached free");
+
+    ngx_http_free_request(ctx->request, 0);
+}
+
+
+/* Starts Stories requests until stories_concurrency of them are running. */
+
+void
+ngx_http_stories_start(ngx_http_stories_ctx_t *ctx)
+{
+    ngx_http_stories_delivery_t  *d;
+
+    while (ctx->started < ctx->result.nrequests
+           && ctx->active < (ngx_uint_t) ctx->conf->concurrency)
+    {
+        d = &ctx->deliveries[ctx->started++];
+        d->started = 1;
+
+        if (ngx_http_stories_subrequest(ctx, d) == NGX_OK) {
+            ctx->active++;
+            continue;
+        }
+
+        d->done = 1;
+        d->outcome = NGX_HTTP_STORIES_INTERNAL;
+        ctx->finished++;
+
+        ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
+                      "stories: failed to start the request to \"%s\" "
+                      "for a %s call",
+                      d->request->path, stories_call_name(d->request->type));
+    }
+}
+
+
+static ngx_int_t
+ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d)
+{
+    ngx_buf_t                    *b;
+    ngx_str_t                    *uri;
+    ngx_chain_t                  *cl;
+    ngx_http_request_t           *r, *sr;
+    ngx_http_request_body_t      *rb;
+    ngx_http_post_subrequest_t   *ps;
+
+    r = ctx->request;
+
+    ps = ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t));
+    if (ps == NULL) {
+        return NGX_ERROR;
+    }
+
+    ps->handler = ngx_http_stories_done;
+    ps->data = d;
+
+    uri = ngx_strcmp(d->request->path, STORIES_EVENTS_PATH) == 0
+          ? &ctx->conf->events_uri : &ctx->conf->users_uri;
+
+    /*
+     * Background subrequests run in parallel and write nothing to the
+     * client.  Their response bodies are read into memory, so that the
+     * upstream connection to Stories can be kept alive.
+     */
+
+    if (ngx_http_subrequest(r, uri, NULL, &sr, ps,
+                            NGX_HTTP_SUBREQUEST_BACKGROUND
+                            |NGX_HTTP_SUBREQUEST_IN_MEMORY)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    sr->method = NGX_HTTP_POST;
+    sr->method_name = ngx_http_stories_post;
+
+    rb = ngx_pcalloc(r->pool, sizeof(ngx_http_request_body_t));
+    if (rb == NULL) {
+        return NGX_ERROR;
+    }
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* start is set too: the upstream rewinds to it when it retries */
+
+    b->start = (u_char *) d->request->body;
+    b->pos = b->start;
+    b->last = b->start + d->request->body_len;
+    b->end = b->last;
+    b->memory = 1;
+    b->last_buf = 1;
+    b->last_in_chain = 1;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    rb->bufs = cl;
+    sr->request_body = rb;
+
+    return ngx_http_stories_set_headers(sr, ctx->conf, d->request->body_len);
+}
+
+
+/*
+ * Replaces the headers that the subrequest copied from the client with
+ * the two Stories needs, so that no cookie or client credential reaches it.
+ */
+
+static ngx_int_t
+ngx_http_stories_set_headers(ngx_http_request_t *sr,
+    ngx_http_stories_loc_conf_t *slcf, size_t len)
+{
+    ngx_table_elt_t  *h;
+
+    ngx_memzero(&sr->headers_in, sizeof(ngx_http_headers_in_t));
+
+    if (ngx_list_init(&sr->headers_in.headers, sr->pool, 2,
+                      sizeof(ngx_table_elt_t))
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    sr->headers_in.content_length_n = len;
+    sr->headers_in.keep_alive_n = -1;
+
+    h = ngx_list_push(&sr->headers_in.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Authorization");
+    h->value = slcf->authorization;
+    h->lowcase_key = (u_char *) "authorization";
+
+    sr->headers_in.authorization = h;
+
+    h = ngx_list_push(&sr->headers_in.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Content-Type");
+    h->value = ngx_http_stories_json;
+    h->lowcase_key = (u_char *) "content-type";
+
+    sr->headers_in.content_type = h;
+
+    return NGX_OK;
+}
+
+
+/*
+ * The post-subrequest handler.  It returns NGX_OK whatever rc is: an
+ * NGX_ERROR here would terminate the client's request together with
+ * every other Stories request still running.
+ */
+
+static ngx_int_t
+ngx_http_stories_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
+{
+    ngx_http_stories_delivery_t  *d = data;
+
+    ngx_http_stories_ctx_t  *ctx;
+
+    if (d->done) {
+        return NGX_OK;
+    }
+
+    ctx = d->ctx;
+
+    d->done = 1;
+    ctx->finished++;
+    ctx->active--;
+
+    ngx_http_stories_classify(sr, d, rc);
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, sr->connection->log, 0,
+                   "stories request done rc:%i s:%ui outcome:%d",
+                   rc, d->status, d->outcome);
+
+    if (d->outcome != NGX_HTTP_STORIES_OK) {
+        ngx_http_stories_log_failure(sr->connection->log, d);
+
+        if (ctx->conf->dead_letter != NULL
+            && ngx_http_stories_keep(ctx, d, NULL) == NGX_OK)
+        {
+            d->kept = 1;
+        }
+    }
+
+    ngx_http_stories_start(ctx);
+
+    if (ctx->detached) {
+        if (ctx->finished == ctx->result.nrequests
+            && !ctx->free_event.posted)
+        {
+            ngx_post_event(&ctx->free_event, &ngx_posted_events);
+        }
+
+        return NGX_OK;
+    }
+
+    if (!ctx->front && ngx_http_post_request(ctx->request, NULL) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_stories_classify(ngx_http_request_t *sr,
+    ngx_http_stories_delivery_t *d, ngx_int_t rc)
+{
+    ngx_uint_t        i, status;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    if (sr->upstream == NULL || sr->upstream->headers_in.status_n == 0) {
+
+        /* Stories sent no status line: nginx failed the request itself */
+
+        d->status = sr->headers_out.status;
+
+        if (rc == NGX_HTTP_GATEWAY_TIME_OUT) {
+            d->outcome = NGX_HTTP_STORIES_TIMED_OUT;
+
+        } else if (sr->upstream != NULL
+                   && (rc == NGX_ERROR || rc == NGX_HTTP_BAD_GATEWAY))
+        {
+            d->outcome = NGX_HTTP_STORIES_UNREACHABLE;
+
+        } else if (d->status >= 200 && d->status < 300) {
+            d->outcome = NGX_HTTP_STORIES_OK;
+
+        } else {
+            if (d->status == 0 && rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+                d->status = rc;
+            }
+
+            d->outcome = NGX_HTTP_STORIES_INTERNAL;
+        }
+
+        return;
+    }
+
+    status = sr->upstream->headers_in.status_n;
+    d->status = status;
+
+    if (status >= 200 && status < 300) {
+        d->outcome = NGX_HTTP_STORIES_OK;
+
+    } else if (status == NGX_HTTP_UNAUTHORIZED
+               || status == NGX_HTTP_FORBIDDEN)
+    {
+        d->outcome = NGX_HTTP_STORIES_KEY_REJECTED;
+
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        d->outcome = NGX_HTTP_STORIES_RATE_LIMITED;
+
+    } else if (status == NGX_HTTP_REQUEST_TIME_OUT) {
+        d->outcome = NGX_HTTP_STORIES_TIMED_OUT;
+
+    } else if (status >= 400 && status < 500) {
+        d->outcome = NGX_HTTP_STORIES_REJECTED;
+
+    } else {
+        d->outcome = NGX_HTTP_STORIES_FAILED;
+    }
+
+    if (d->outcome != NGX_HTTP_STORIES_RATE_LIMITED) {
+        return;
+    }
+
+    part = &sr->upstream->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash != 0
+            && h[i].key.len == sizeof("Retry-After") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Retry-After",
+                               sizeof("Retry-After") - 1)
+               == 0)
+        {
+            d->retry_after = h[i].value;
+            break;
+        }
+    }
+}
+
+
+static void
+ngx_http_stories_log_failure(ngx_log_t *log, ngx_http_stories_delivery_t *d)
+{
+    const char         *call, *id, *quote;
+    stories_request_t  *request;
+
+    request = d->request;
+    call = stories_call_name(request->type);
+
+    /* the message id was reduced to printable ASCII by the core */
+
+    id = request->message_id != NULL ? request->message_id : "";
+    quote = request->message_id != NULL ? "\"" : "";
+
+    switch (d->outcome) {
+
+    case NGX_HTTP_STORIES_KEY_REJECTED:
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "stories API key rejected with status %ui, "
+                      "check stories_api_key", d->status);
+        return;
+
+    case NGX_HTTP_STORIES_TIMED_OUT:
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "stories request to \"%s\" timed out, %s call, "
+                      "messageId %s%s%s",
+                      request->path, call, quote, id[0] ? id : "none", quote);
+        return;
+
+    case NGX_HTTP_STORIES_UNREACHABLE:
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "stories request to \"%s\" failed: Stories is "
+                      "unreachable, %s call, messageId %s%s%s",
+                      request->path, call, quote, id[0] ? id : "none", quote);
+        return;
+
+    case NGX_HTTP_STORIES_INTERNAL:
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "stories request to \"%s\" failed with status %ui "
+                      "before reaching Stories, check the location that "
+                      "stories_forward names, %s call, messageId %s%s%s",
+                      request->path, d->status, call, quote,
+                      id[0] ? id : "none", quote);
+        return;
+
+    default:
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "stories request to \"%s\" failed with status %ui, "
+                      "%s call, messageId %s%s%s",
+                      request->path, d->status, call, quote,
+                      id[0] ? id : "none", quote);
+        return;
+    }
+}
+
+
+/*
+ * Appends a failed Stories request to the dead-letter file as one JSON
+ * line, with the body last and byte for byte, so that stories-replay can
+ * send it again.  A single write() to a file opened with O_APPEND keeps
+ * lines of different workers whole.
+ */
+
+static ngx_int_t
+ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d, const char *error)
+{
+    u_char             *line, *p;
+    size_t              len;
+    ssize_t             n;
+    ngx_tm_t            tm;
+    ngx_log_t          *log;
+    ngx_open_file_t    *file;
+    stories_request_t  *request;
+
+    static const char  *errors[] = {
+        "delivered",
+        "Stories rejected the request",
+        "Stories failed",
+        "Stories is unreachable",
+        "Stories timed out",
+        "Stories rate limit reached",
+        "Stories rejected the API key",
+        "failed before reaching Stories"
+    };
+
+    file = ctx->conf->dead_letter;
+    request = d->request;
+    log = ctx->request->connection->log;
+
+    if (error == NULL) {
+        error = errors[d->outcome];
+    }
+
+    len = sizeof("{\"time\":\"1970-01-01T00:00:00Z\",\"path\":\"\","
+                 "\"status\":,\"error\":\"\",\"messageId\":\"\","
+                 "\"body\":}\n")
+          + ngx_strlen(request->path) + NGX_INT_T_LEN + ngx_strlen(error)
+          + (request->message_id ? ngx_strlen(request->message_id) : 4)
+          + request->body_len;
+
+    line = ngx_pnalloc(ctx->request->pool, len);
+    if (line == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_gmtime(ngx_time(), &tm);
+
+    /* the message id and the error contain no quote or backslash */
+
+    p = ngx_sprintf(line, "{\"time\":\"%4d-%02d-%02dT%02d:%02d:%02dZ\","
+                          "\"path\":\"%s\",\"status\":%ui,"
+                          "\"error\":\"%s\",\"messageId\":",
+                    tm.ngx_tm_year, tm.ngx_tm_mon, tm.ngx_tm_mday,
+                    tm.ngx_tm_hour, tm.ngx_tm_min, tm.ngx_tm_sec,
+                    request->path, d->status, error);
+
+    if (request->message_id != NULL) {
+        p = ngx_sprintf(p, "\"%s\"", request->message_id);
+
+    } else {
+        p = ngx_cpymem(p, "null", 4);
+    }
+
+    p = ngx_cpymem(p, ",\"body\":", sizeof(",\"body\":") - 1);
+    p = ngx_cpymem(p, request->body, request->body_len);
+    *p++ = '}';
+    *p++ = LF;
+
+    n = ngx_write_fd(file->fd, line, p - line);
+
+    if (n != p - line) {
+        ngx_log_error(NGX_LOG_ALERT, log, ngx_errno,
+                      ngx_write_fd_n " to dead-letter file \"%s\" failed, "
+                      "a %s call to \"%s\" is lost",
+                      file->name.data, stories_call_name(request->type),
+                      request->path);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Frees the translation.  A Stories request that never finished means
+ * that nginx ended the client's request early, for example on a lost
+ * client connection or a fast shutdown.  Such an event is logged and
+ * written to the dead-letter file.
+ */
+
+void
+ngx_http_stories_cleanup(void *data)
+{
+    ngx_http_stories_ctx_t  *ctx = data;
+
+    ngx_uint_t                    i;
+    ngx_http_stories_delivery_t  *d;
+
+    for (i = 0; ctx->deliveries != NULL && i < ctx->result.nrequests; i++) {
+        d = &ctx->deliveries[i];
+
+        if (d->done) {
+            continue;
+        }
+
+        ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
+                      "stories request to \"%s\" for a %s call was not "
+                      "delivered: the client request ended first, "
+                      "messageId \"%s\"",
+                      d->request->path, stories_call_name(d->request->type),
+                      d->request->message_id ? d->request->message_id
+                                             : "none");
+
+        if (ctx->conf->dead_letter != NULL) {
+            (void) ngx_http_stories_keep(ctx, d,
+                                      "the client request ended first");
+        }
+    }
+
+    stories_result_free(&ctx->result);
+}
+
+
+/* Logs each valid message that Stories cannot take, with the reason. */
+
+void
+ngx_http_stories_log_notes(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
+{
+    ngx_uint_t       i;
+    stories_note_t  *note;
+
+    for (i = 0; i < ctx->result.nskipped; i++) {
+        note = &ctx->result.skipped[i];
+
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "stories: %s message %uz not forwarded: %s",
+                      stories_call_name(note->type), note->index,
+                      note->reason);
+    }
+
+    for (i = 0; i < ctx->result.ninvalid; i++) {
+        note = &ctx->result.invalid[i];
+
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "stories: invalid batch message %uz skipped: %s",
+                      note->index, note->reason);
+    }
+}
