@@ -64,6 +64,10 @@ ngx_http_stories_detach(ngx_http_request_t *r,
         goto failed;
     }
 
+    /* the client's log goes away with its connection, this pool stays */
+
+    pool->log = c->log;
+
     fr = ngx_http_stories_fake_request(r, c);
     if (fr == NULL) {
         goto failed;
@@ -226,7 +230,7 @@ ngx_http_stories_fake_request(ngx_http_request_t *r, ngx_connection_t *c)
     fr->method = NGX_HTTP_POST;
     fr->method_name = ngx_http_stories_post;
     fr->http_version = NGX_HTTP_VERSION_11;
-    fr->http_protocol = r->http_protocol;
+    ngx_str_set(&fr->http_protocol, "HTTP/1.1");
     fr->request_line.len = r->request_line.len;
     fr->uri.len = r->uri.len;
     fr->unparsed_uri = fr->uri;
