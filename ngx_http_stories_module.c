@@ -37,6 +37,8 @@ static ngx_int_t ngx_http_stories_read_conf_file(ngx_conf_t *cf,
 static ngx_int_t ngx_http_stories_concat(ngx_conf_t *cf, ngx_str_t *dst,
     ngx_str_t *prefix, ngx_str_t *suffix);
 static ngx_int_t ngx_http_stories_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_stories_init_process(ngx_cycle_t *cycle);
+static void ngx_http_stories_exit_process(ngx_cycle_t *cycle);
 
 
 static ngx_conf_num_bounds_t  ngx_http_stories_concurrency_bounds = {
@@ -161,10 +163,10 @@ ngx_module_t  ngx_http_stories_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_stories_init_process,         /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_stories_exit_process,         /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -930,4 +932,20 @@ ngx_http_stories_init(ngx_conf_t *cf)
     *h = ngx_http_stories_endpoint_handler;
 
     return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_stories_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_stories_init_pending();
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_stories_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_stories_abandon_pending();
 }

@@ -76,10 +76,12 @@ struct ngx_http_stories_ctx_s {
     ngx_uint_t                    active;
     ngx_int_t                     phase_rc;
     ngx_event_t                   free_event;
+    ngx_queue_t                   queue;
     unsigned                      front:1;
     unsigned                      detached:1;
     unsigned                      translated:1;
     unsigned                      responded:1;
+    unsigned                      queued:1;
 };
 
 
@@ -95,6 +97,8 @@ ngx_http_stories_ctx_t *ngx_http_stories_detach(ngx_http_request_t *r,
 void ngx_http_stories_detached_free(ngx_event_t *ev);
 void ngx_http_stories_start(ngx_http_stories_ctx_t *ctx);
 void ngx_http_stories_cleanup(void *data);
+void ngx_http_stories_init_pending(void);
+void ngx_http_stories_abandon_pending(void);
 void ngx_http_stories_log_notes(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *ctx);
 

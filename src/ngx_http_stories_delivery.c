@@ -15,6 +15,8 @@
 #include "ngx_http_stories.h"
 
 
+static void ngx_http_stories_abandon(ngx_http_stories_ctx_t *ctx,
+    const char *reason);
 static ngx_connection_t *ngx_http_stories_fake_connection(
     ngx_http_request_t *r, ngx_pool_t *pool);
 static ngx_http_request_t *ngx_http_stories_fake_request(
@@ -34,6 +36,14 @@ static ngx_int_t ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
 
 
 static ngx_str_t  ngx_http_stories_post = ngx_string("POST");
+
+
+/*
+ * The contexts with Stories requests that have not all finished, so that
+ * a worker that exits at once (nginx -s stop) can still account for them:
+ * request pools are not destroyed then, and their cleanups do not run.
+ */
+static ngx_queue_t  ngx_http_stories_pending;
 
 
 /*
@@ -282,6 +292,11 @@ ngx_http_stories_start(ngx_http_stories_ctx_t *ctx)
 {
     ngx_http_stories_delivery_t  *d;
 
+    if (!ctx->queued && ctx->finished < ctx->result.nrequests) {
+        ngx_queue_insert_tail(&ngx_http_stories_pending, &ctx->queue);
+        ctx->queued = 1;
+    }
+
     while (ctx->started < ctx->result.nrequests
            && ctx->active < (ngx_uint_t) ctx->conf->concurrency)
     {
@@ -472,6 +487,11 @@ ngx_http_stories_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
     }
 
     ngx_http_stories_start(ctx);
+
+    if (ctx->queued && ctx->finished == ctx->result.nrequests) {
+        ngx_queue_remove(&ctx->queue);
+        ctx->queued = 0;
+    }
 
     if (ctx->detached) {
         if (ctx->finished == ctx->result.nrequests
@@ -684,7 +704,9 @@ ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
           + (request->message_id ? ngx_strlen(request->message_id) : 4)
           + request->body_len;
 
-    line = ngx_pnalloc(ctx->request->pool, len);
+    /* not from the request pool: this also runs while nginx destroys it */
+
+    line = ngx_alloc(len, log);
     if (line == NULL) {
         return NGX_ERROR;
     }
@@ -714,7 +736,9 @@ ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
 
     n = ngx_write_fd(file->fd, line, p - line);
 
-    if (n != p - line) {
+    ngx_free(line);
+
+    if (n != (ssize_t) (p - line)) {
         ngx_log_error(NGX_LOG_ALERT, log, ngx_errno,
                       ngx_write_fd_n " to dead-letter file \"%s\" failed, "
                       "a %s call to \"%s\" is lost",
@@ -730,8 +754,7 @@ ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
 /*
  * Frees the translation.  A Stories request that never finished means
  * that nginx ended the client's request early, for example on a lost
- * client connection or a fast shutdown.  Such an event is logged and
- * written to the dead-letter file.
+ * client connection or at the end of worker_shutdown_timeout.
  */
 
 void
@@ -739,10 +762,29 @@ ngx_http_stories_cleanup(void *data)
 {
     ngx_http_stories_ctx_t  *ctx = data;
 
+    if (ctx->queued) {
+        ngx_queue_remove(&ctx->queue);
+        ctx->queued = 0;
+
+        ngx_http_stories_abandon(ctx, "the client request ended first");
+    }
+
+    stories_result_free(&ctx->result);
+}
+
+
+/*
+ * Logs each Stories request of ctx that has not finished, and writes it
+ * to the dead-letter file when one is set.
+ */
+
+static void
+ngx_http_stories_abandon(ngx_http_stories_ctx_t *ctx, const char *reason)
+{
     ngx_uint_t                    i;
     ngx_http_stories_delivery_t  *d;
 
-    for (i = 0; ctx->deliveries != NULL && i < ctx->result.nrequests; i++) {
+    for (i = 0; i < ctx->result.nrequests; i++) {
         d = &ctx->deliveries[i];
 
         if (d->done) {
@@ -751,19 +793,41 @@ ngx_http_stories_cleanup(void *data)
 
         ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
                       "stories request to \"%s\" for a %s call was not "
-                      "delivered: the client request ended first, "
-                      "messageId \"%s\"",
+                      "delivered: %s, messageId \"%s\"",
                       d->request->path, stories_call_name(d->request->type),
+                      reason,
                       d->request->message_id ? d->request->message_id
                                              : "none");
 
         if (ctx->conf->dead_letter != NULL) {
-            (void) ngx_http_stories_keep(ctx, d,
-                                      "the client request ended first");
+            (void) ngx_http_stories_keep(ctx, d, reason);
         }
     }
+}
 
-    stories_result_free(&ctx->result);
+
+void
+ngx_http_stories_init_pending(void)
+{
+    ngx_queue_init(&ngx_http_stories_pending);
+}
+
+
+void
+ngx_http_stories_abandon_pending(void)
+{
+    ngx_queue_t             *q;
+    ngx_http_stories_ctx_t  *ctx;
+
+    while (!ngx_queue_empty(&ngx_http_stories_pending)) {
+        q = ngx_queue_head(&ngx_http_stories_pending);
+        ngx_queue_remove(q);
+
+        ctx = ngx_queue_data(q, ngx_http_stories_ctx_t, queue);
+        ctx->queued = 0;
+
+        ngx_http_stories_abandon(ctx, "the nginx worker exited first");
+    }
 }
 
 
