@@ -32,7 +32,7 @@ ASAN_FLAGS  := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
                -fno-sanitize-recover=undefined -DNGX_DEBUG_PALLOC=1
 ASAN_REPORT := $(CURDIR)/$(ASAN_DIR)/reports
 
-.PHONY: all deps test unit run clean fuzz test-asan
+.PHONY: all deps test unit run clean fuzz test-asan bench
 
 all: deps $(MODULE) $(UNIT_TESTS) $(REPLAY)
 
@@ -138,6 +138,13 @@ $(ASAN_NGINX): $(ASAN_DIR)/nginx-1.22.1/objs/Makefile $(GLUE_DEPS) \
 
 unit: $(UNIT_TESTS)
 	for t in $(UNIT_TESTS); do $$t || exit 1; done
+
+# Compares the module with plain proxy_pass of the same body, side by
+# side in one run, with wrk on loopback; see bench/README.md.
+bench: all
+	@command -v wrk >/dev/null || { \
+	    echo "the benchmark needs wrk: apt-get install wrk"; exit 1; }
+	bench/run
 
 # Starts nginx in the foreground with the quick-start configuration.
 run: all
