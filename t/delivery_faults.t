@@ -18,7 +18,7 @@ use Socket qw(SOL_SOCKET SO_LINGER);
 use Test::More;
 use Time::HiRes qw(sleep time);
 
-use StoriesTest;
+use StoriesTest qw(error_body);
 
 BAIL_OUT('module not built: ' . StoriesTest::module_path() . '; run make')
     unless StoriesTest::has_module();
@@ -223,11 +223,6 @@ $t->run();
 
 ############################################################################
 # Helpers
-
-sub error_body {
-    my ($message) = @_;
-    return qq({"success":false,"error":"$message"});
-}
 
 # Returns the lines added to a dead-letter file after byte $offset, after
 # waiting up to $timeout seconds for at least $count of them.

@@ -11,7 +11,7 @@ use lib "$FindBin::Bin/lib";
 
 use Test::More;
 
-use StoriesTest;
+use StoriesTest qw(error_body);
 
 BAIL_OUT('module not built: ' . StoriesTest::module_path() . '; run make')
     unless StoriesTest::has_module();
@@ -37,12 +37,6 @@ $t->write_http_conf(<<"EOF");
 EOF
 
 $t->run();
-
-sub error_body {
-    my ($message) = @_;
-    $message =~ s/(["\\])/\\$1/g;
-    return qq({"success":false,"error":"$message"});
-}
 
 # Each case: test name, path, request body, error message.
 my @bad_requests = (

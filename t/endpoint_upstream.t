@@ -12,7 +12,7 @@ use lib "$FindBin::Bin/lib";
 use Test::More;
 use Time::HiRes qw(sleep time);
 
-use StoriesTest;
+use StoriesTest qw(error_body);
 
 BAIL_OUT('module not built: ' . StoriesTest::module_path() . '; run make')
     unless StoriesTest::has_module();
@@ -101,11 +101,6 @@ $t->set_stories_rules(
 );
 
 $t->run();
-
-sub error_body {
-    my ($message) = @_;
-    return qq({"success":false,"error":"$message"});
-}
 
 sub track {
     my ($user) = @_;

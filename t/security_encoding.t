@@ -16,7 +16,7 @@ use Compress::Zlib;
 use Test::More;
 use Time::HiRes qw(sleep time);
 
-use StoriesTest;
+use StoriesTest qw(error_body);
 
 BAIL_OUT('module not built: ' . StoriesTest::module_path() . '; run make')
     unless StoriesTest::has_module();
@@ -63,12 +63,6 @@ $t->write_http_conf(<<"EOF");
 EOF
 
 $t->run();
-
-sub error_body {
-    my ($message) = @_;
-    $message =~ s/(["\\])/\\$1/g;
-    return qq({"success":false,"error":"$message"});
-}
 
 sub gzip_bytes {
     my ($data) = @_;

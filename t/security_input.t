@@ -14,7 +14,7 @@ use lib "$FindBin::Bin/lib";
 use Test::More;
 use Time::HiRes qw(sleep);
 
-use StoriesTest;
+use StoriesTest qw(error_body);
 
 BAIL_OUT('module not built: ' . StoriesTest::module_path() . '; run make')
     unless StoriesTest::has_module();
@@ -53,12 +53,6 @@ $t->write_http_conf(<<"EOF");
 EOF
 
 $t->run();
-
-sub error_body {
-    my ($message) = @_;
-    $message =~ s/(["\\])/\\$1/g;
-    return qq({"success":false,"error":"$message"});
-}
 
 # Client headers with the given Content-Type (none when undef) and headers
 # that must not reach Stories.

@@ -14,7 +14,7 @@ use lib "$FindBin::Bin/lib";
 use Test::More;
 use Time::HiRes qw(sleep);
 
-use StoriesTest;
+use StoriesTest qw(error_body);
 
 BAIL_OUT('module not built: ' . StoriesTest::module_path() . '; run make')
     unless StoriesTest::has_module();
@@ -55,12 +55,6 @@ $t->write_http_conf(<<"EOF");
 EOF
 
 $t->run();
-
-sub error_body {
-    my ($message) = @_;
-    $message =~ s/(["\\])/\\$1/g;
-    return qq({"success":false,"error":"$message"});
-}
 
 sub track_stories {
     my ($user, $event) = @_;

@@ -19,6 +19,9 @@ use JSON::PP;
 use MIME::Base64 qw(encode_base64 decode_base64);
 use POSIX qw(WNOHANG);
 use Test::More;
+
+use Exporter qw(import);
+our @EXPORT_OK = qw(error_body);
 use Time::HiRes qw(sleep time);
 
 # A client or mock writing to a socket that the peer closed must get EPIPE,
@@ -1085,6 +1088,13 @@ sub nothing_forwarded {
     is(scalar @records, 0, "$name nothing forwarded")
         or diag(join "\n", map { "$_->{uri} $_->{body}" } @records);
     return;
+}
+
+# The module's JSON error response for a message, quotes escaped.
+sub error_body {
+    my ($message) = @_;
+    $message =~ s/(["\\])/\\$1/g;
+    return qq({"success":false,"error":"$message"});
 }
 
 1;
