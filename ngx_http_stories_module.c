@@ -36,6 +36,8 @@ static ngx_int_t ngx_http_stories_read_conf_file(ngx_conf_t *cf,
     ngx_str_t *name, ngx_str_t *content);
 static ngx_int_t ngx_http_stories_concat(ngx_conf_t *cf, ngx_str_t *dst,
     ngx_str_t *prefix, ngx_str_t *suffix);
+static ngx_int_t ngx_http_stories_body_filter(ngx_http_request_t *r,
+    ngx_chain_t *in);
 static ngx_int_t ngx_http_stories_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_stories_init_process(ngx_cycle_t *cycle);
 static void ngx_http_stories_exit_process(ngx_cycle_t *cycle);
@@ -49,6 +51,9 @@ static ngx_conf_num_bounds_t  ngx_http_stories_concurrency_bounds = {
 static ngx_conf_num_bounds_t  ngx_http_stories_depth_bounds = {
     ngx_conf_check_num_bounds, 1, 1000
 };
+
+
+static ngx_http_output_body_filter_pt  ngx_http_next_body_filter;
 
 
 static ngx_command_t  ngx_http_stories_commands[] = {
@@ -930,6 +935,41 @@ ngx_http_stories_init(ngx_conf_t *cf)
     }
 
     *h = ngx_http_stories_endpoint_handler;
+
+    ngx_http_next_body_filter = ngx_http_top_body_filter;
+    ngx_http_top_body_filter = ngx_http_stories_body_filter;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Drops the response body of a Stories subrequest: only its status counts.
+ * Passed on, the body would stay queued for a client that never gets it,
+ * and in memory it would fail at subrequest_output_buffer_size, which
+ * also ends the client's request.
+ */
+
+static ngx_int_t
+ngx_http_stories_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    ngx_chain_t                  *cl;
+    ngx_http_stories_delivery_t  *d;
+
+    if (r == r->main) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    d = ngx_http_get_module_ctx(r, ngx_http_stories_module);
+
+    if (d == NULL || !d->subrequest) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    for (cl = in; cl; cl = cl->next) {
+        cl->buf->pos = cl->buf->last;
+        cl->buf->file_pos = cl->buf->file_last;
+    }
 
     return NGX_OK;
 }

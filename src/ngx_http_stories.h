@@ -61,6 +61,7 @@ typedef struct {
     unsigned                     started:1;
     unsigned                     done:1;
     unsigned                     kept:1;
+    unsigned                     subrequest:1;
 } ngx_http_stories_delivery_t;
 
 

@@ -345,18 +345,20 @@ ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
           ? &ctx->conf->events_uri : &ctx->conf->users_uri;
 
     /*
-     * Background subrequests run in parallel and write nothing to the
-     * client.  Their response bodies are read into memory, so that the
-     * upstream connection to Stories can be kept alive.
+     * Background subrequests run in parallel.  Their response bodies are
+     * read whole, so that the upstream connection to Stories can be kept
+     * alive, and dropped by ngx_http_stories_body_filter().
      */
 
     if (ngx_http_subrequest(r, uri, NULL, &sr, ps,
-                            NGX_HTTP_SUBREQUEST_BACKGROUND
-                            |NGX_HTTP_SUBREQUEST_IN_MEMORY)
+                            NGX_HTTP_SUBREQUEST_BACKGROUND)
         != NGX_OK)
     {
         return NGX_ERROR;
     }
+
+    ngx_http_set_ctx(sr, d, ngx_http_stories_module);
+    d->subrequest = 1;
 
     sr->method = NGX_HTTP_POST;
     sr->method_name = ngx_http_stories_post;
