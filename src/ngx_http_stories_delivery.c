@@ -523,16 +523,19 @@ ngx_http_stories_classify(ngx_http_request_t *sr,
 
     if (sr->upstream == NULL || sr->upstream->headers_in.status_n == 0) {
 
-        /* Stories sent no status line: nginx failed the request itself */
+        /*
+         * No status line from Stories: the connection failed, timed out,
+         * or carried no valid response, or nginx ended the subrequest
+         * before it reached the proxy (sr->upstream is then NULL).
+         */
 
         d->status = sr->headers_out.status;
 
         if (rc == NGX_HTTP_GATEWAY_TIME_OUT) {
             d->outcome = NGX_HTTP_STORIES_TIMED_OUT;
 
-        } else if (sr->upstream != NULL
-                   && (rc == NGX_ERROR || rc == NGX_HTTP_BAD_GATEWAY))
-        {
+        } else if (sr->upstream != NULL) {
+            d->status = 0;
             d->outcome = NGX_HTTP_STORIES_UNREACHABLE;
 
         } else if (d->status >= 200 && d->status < 300) {
@@ -794,12 +797,14 @@ ngx_http_stories_abandon(ngx_http_stories_ctx_t *ctx, const char *reason)
         }
 
         ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
-                      "stories request to \"%s\" for a %s call was not "
-                      "delivered: %s, messageId \"%s\"",
-                      d->request->path, stories_call_name(d->request->type),
-                      reason,
+                      "stories request to \"%s\" was not delivered: %s, "
+                      "%s call, messageId %s%s%s",
+                      d->request->path, reason,
+                      stories_call_name(d->request->type),
+                      d->request->message_id ? "\"" : "",
                       d->request->message_id ? d->request->message_id
-                                             : "none");
+                                             : "none",
+                      d->request->message_id ? "\"" : "");
 
         if (ctx->conf->dead_letter != NULL) {
             (void) ngx_http_stories_keep(ctx, d, reason);

@@ -388,12 +388,14 @@ ngx_http_stories_allowed_origin(ngx_http_request_t *r)
             return &origin[i];
         }
 
+        /* the configured spelling goes back, never the client's bytes */
+
         if (origin[i].len == h->value.len
             && ngx_strncasecmp(origin[i].data, h->value.data,
                                h->value.len)
                == 0)
         {
-            return &h->value;
+            return &origin[i];
         }
     }
 

@@ -124,7 +124,8 @@ my @lines = dead_letters(1, 5);
 is(scalar @lines, 1, 'shutdown timeout dead letter line count');
 dead_letter_is($lines[0], 'shutdown-timeout',
     'the client request ended first', 'shutdown timeout');
-my $ended = 'the client request ended first, messageId "shutdown-timeout"';
+my $ended = 'the client request ended first, track call, '
+    . 'messageId "shutdown-timeout"';
 like($t->error_log_since($offset), qr/\[error\][^\n]*\Q$ended\E/,
     'shutdown timeout error line');
 ok(wait_for_exit($client, 10), 'shutdown timeout client ended');
@@ -149,7 +150,8 @@ ok(wait_for_exit($client, 10), 'fast shutdown client ended');
 is(scalar @lines, 1, 'fast shutdown dead letter line count');
 dead_letter_is($lines[0], 'fast-shutdown', 'the nginx worker exited first',
     'fast shutdown');
-my $exited = 'the nginx worker exited first, messageId "fast-shutdown"';
+my $exited = 'the nginx worker exited first, track call, '
+    . 'messageId "fast-shutdown"';
 like($t->read_file('error.log'), qr/\[error\][^\n]*\Q$exited\E/,
     'fast shutdown error line');
 
