@@ -15,7 +15,12 @@
 
 
 /* The maximum length of an untrusted value quoted in a message. */
-#define STORIES_QUOTE_MAX  32
+#define STORIES_QUOTE_MAX     32
+
+/* Flaws of JSON text that stories_scan() reports. */
+#define STORIES_SCAN_NUL      0x01
+#define STORIES_SCAN_CONTROL  0x02
+#define STORIES_SCAN_UTF8     0x04
 
 
 typedef struct {
@@ -65,7 +70,8 @@ static int stories_add_note(stories_note_t **notes, size_t *n, size_t *size,
 static char *stories_message_id(cJSON *message);
 static char *stories_printable(const char *s, size_t max);
 static size_t stories_scan(const char *body, size_t len, size_t limit,
-    int *nul);
+    int *flaws);
+static size_t stories_utf8_length(const unsigned char *p, size_t left);
 static int stories_reject(stories_translation_t *tr, cJSON *message,
     stories_call_e call, size_t index, const char *reason);
 static void stories_fail(stories_result_t *result, int status,
@@ -172,7 +178,7 @@ int
 stories_translate(stories_call_e call, const char *body, size_t len,
     const stories_options_t *options, stories_result_t *result)
 {
-    int                     rc, nul;
+    int                     rc, flaws;
     size_t                  i, depth, limit;
     cJSON                  *root;
     const char             *end;
@@ -219,7 +225,7 @@ stories_translate(stories_call_e call, const char *body, size_t len,
 
     limit = options->max_depth != 0 ? options->max_depth : (size_t) -1 - 1;
 
-    depth = stories_scan(body, len, limit, &nul);
+    depth = stories_scan(body, len, limit, &flaws);
 
     if (depth > limit) {
         snprintf(result->error, STORIES_ERROR_SIZE,
@@ -231,9 +237,21 @@ stories_translate(stories_call_e call, const char *body, size_t len,
 
     /* cJSON ends a string at a NUL, which would cut an id or a name */
 
-    if (nul) {
+    if (flaws & STORIES_SCAN_NUL) {
         stories_fail(result, 400, "JSON strings with \\u0000 are not "
                                   "supported");
+        return 0;
+    }
+
+    /* cJSON accepts both, and would forward them as they are */
+
+    if (flaws & STORIES_SCAN_CONTROL) {
+        stories_fail(result, 400, "invalid JSON");
+        return 0;
+    }
+
+    if (flaws & STORIES_SCAN_UTF8) {
+        stories_fail(result, 400, "invalid UTF-8 in a JSON string");
         return 0;
     }
 
@@ -507,12 +525,21 @@ stories_check_message(cJSON *message, stories_call_e call, int *has_user_id)
 
     user_id = stories_id_state(cJSON_GetObjectItemCaseSensitive(message,
                                                                  "userId"));
+    if (user_id == -2) {
+        return "userId is a number of 2^53 or more; send it as a string";
+    }
+
     if (user_id < 0) {
         return "userId is not a string or number";
     }
 
     anonymous_id = stories_id_state(
                      cJSON_GetObjectItemCaseSensitive(message, "anonymousId"));
+    if (anonymous_id == -2) {
+        return "anonymousId is a number of 2^53 or more; "
+               "send it as a string";
+    }
+
     if (anonymous_id < 0) {
         return "anonymousId is not a string or number";
     }
@@ -565,7 +592,8 @@ stories_check_message(cJSON *message, stories_call_e call, int *has_user_id)
 
 /*
  * Returns 1 for a usable userId or anonymousId, 0 for one that is missing,
- * null or empty, and -1 for a value of the wrong type.
+ * null or empty, -1 for a value of the wrong type, and -2 for a number
+ * too large to be exact in a double.
  */
 static int
 stories_id_state(cJSON *item)
@@ -578,11 +606,16 @@ stories_id_state(cJSON *item)
         return item->valuestring[0] != '\0';
     }
 
-    if (cJSON_IsNumber(item) && isfinite(item->valuedouble)) {
-        return 1;
+    if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble)) {
+        return -1;
     }
 
-    return -1;
+    /*
+     * From 2^53 on, doubles cannot tell neighbouring integers apart, so the
+     * number may already name another user.
+     */
+
+    return fabs(item->valuedouble) < 9007199254740992.0 ? 1 : -2;
 }
 
 
@@ -600,7 +633,11 @@ stories_id_item(cJSON *item)
         return cJSON_CreateStringReference(item->valuestring);
     }
 
-    value = item->valuedouble;
+    value = item->valuedouble + 0.0;
+
+    if (value == 0) {
+        value = 0;
+    }
 
     /* whole numbers print as JavaScript's String() does, up to 1e21 */
 
@@ -1014,33 +1051,51 @@ stories_printable(const char *s, size_t max)
 
 /*
  * Measures the nesting of JSON text up to limit + 1 levels, so that a deep
- * document is rejected before cJSON recurses into it, and looks for the
- * \u0000 escape in strings.  The text is not validated here.
+ * document is rejected before cJSON recurses into it.  It also reports, as
+ * STORIES_SCAN_* flags, what cJSON lets through in strings: the \u0000
+ * escape, raw control characters and invalid UTF-8.  The rest of the
+ * syntax is left to cJSON.
  */
 static size_t
-stories_scan(const char *body, size_t len, size_t limit, int *nul)
+stories_scan(const char *body, size_t len, size_t limit, int *flaws)
 {
-    int      in_string;
-    size_t   i, depth, max;
+    int             in_string;
+    size_t          i, n, depth, max;
+    unsigned char   c;
 
     in_string = 0;
     depth = 0;
     max = 0;
-    *nul = 0;
+    *flaws = 0;
 
     for (i = 0; i < len; i++) {
         if (in_string) {
-            if (body[i] == '\\') {
+            c = (unsigned char) body[i];
+
+            if (c == '\\') {
                 if (len - i > 5 && body[i + 1] == 'u'
                     && memcmp(body + i + 2, "0000", 4) == 0)
                 {
-                    *nul = 1;
+                    *flaws |= STORIES_SCAN_NUL;
                 }
 
                 i++;
 
-            } else if (body[i] == '"') {
+            } else if (c == '"') {
                 in_string = 0;
+
+            } else if (c < 0x20) {
+                *flaws |= STORIES_SCAN_CONTROL;
+
+            } else if (c >= 0x80) {
+                n = stories_utf8_length((const unsigned char *) body + i,
+                                        len - i);
+                if (n == 0) {
+                    *flaws |= STORIES_SCAN_UTF8;
+
+                } else {
+                    i += n - 1;
+                }
             }
 
             continue;
@@ -1072,6 +1127,51 @@ stories_scan(const char *body, size_t len, size_t limit, int *nul)
     }
 
     return max;
+}
+
+
+/*
+ * Returns the length of the well-formed UTF-8 sequence that starts at p,
+ * as RFC 3629 defines it (no overlong forms, no surrogates, nothing past
+ * U+10FFFF), or 0.
+ */
+static size_t
+stories_utf8_length(const unsigned char *p, size_t left)
+{
+    size_t          n, i;
+    unsigned char   low, high;
+
+    low = 0x80;
+    high = 0xbf;
+
+    if (p[0] >= 0xc2 && p[0] <= 0xdf) {
+        n = 2;
+
+    } else if (p[0] >= 0xe0 && p[0] <= 0xef) {
+        n = 3;
+        low = (p[0] == 0xe0) ? 0xa0 : 0x80;
+        high = (p[0] == 0xed) ? 0x9f : 0xbf;
+
+    } else if (p[0] >= 0xf0 && p[0] <= 0xf4) {
+        n = 4;
+        low = (p[0] == 0xf0) ? 0x90 : 0x80;
+        high = (p[0] == 0xf4) ? 0x8f : 0xbf;
+
+    } else {
+        return 0;
+    }
+
+    if (left < n || p[1] < low || p[1] > high) {
+        return 0;
+    }
+
+    for (i = 2; i < n; i++) {
+        if (p[i] < 0x80 || p[i] > 0xbf) {
+            return 0;
+        }
+    }
+
+    return n;
 }
 
 

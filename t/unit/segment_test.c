@@ -88,6 +88,8 @@ static void test_call_name(void);
 static void test_mapping(void);
 static void test_numeric_user_id(void);
 static void test_large_user_id(void);
+static void test_exact_ids(void);
+static void test_string_bytes(void);
 static void test_strings(void);
 static void test_message_id(void);
 static void test_sync_users(void);
@@ -130,6 +132,8 @@ main(void)
     test_mapping();
     test_numeric_user_id();
     test_large_user_id();
+    test_exact_ids();
+    test_string_bytes();
     test_strings();
     test_message_id();
     test_sync_users();
@@ -2333,4 +2337,78 @@ test_response_error(void)
              "response error with quote", "body");
 
     free(out);
+}
+
+
+static void
+test_exact_ids(void)
+{
+    expect_rejected("userId at 2^53", STORIES_CALL_TRACK,
+        "{\"userId\":9007199254740992,\"event\":\"E\"}", &options_default,
+        "userId is a number of 2^53 or more; send it as a string");
+
+    expect_rejected("userId beyond 2^53", STORIES_CALL_TRACK,
+        "{\"userId\":9007199254740993,\"event\":\"E\"}", &options_default,
+        "userId is a number of 2^53 or more; send it as a string");
+
+    expect_rejected("anonymousId beyond 2^53", STORIES_CALL_TRACK,
+        "{\"anonymousId\":-1e300,\"event\":\"E\"}", &options_default,
+        "anonymousId is a number of 2^53 or more; send it as a string");
+
+    expect_forwarded("userId below 2^53", STORIES_CALL_TRACK,
+        "{\"userId\":9007199254740991,\"event\":\"E\"}", &options_default,
+        "{\"user_id\":\"9007199254740991\",\"name\":\"Track\","
+        "\"data\":{\"content\":\"E\"}}", NULL);
+
+    expect_forwarded("userId negative zero", STORIES_CALL_TRACK,
+        "{\"userId\":-0,\"event\":\"E\"}", &options_default,
+        "{\"user_id\":\"0\",\"name\":\"Track\","
+        "\"data\":{\"content\":\"E\"}}", NULL);
+}
+
+
+static void
+test_string_bytes(void)
+{
+    static const struct {
+        const char  *name;
+        const char  *json;
+        const char  *error;
+    } cases[] = {
+        { "raw NUL in userId", "{\"userId\":\"u1\0evil\",\"event\":\"E\"}",
+          "invalid JSON" },
+        { "raw tab in event", "{\"userId\":\"u1\",\"event\":\"a\tb\"}",
+          "invalid JSON" },
+        { "raw newline in key", "{\"user\nId\":\"u1\",\"event\":\"E\"}",
+          "invalid JSON" },
+        { "lone continuation byte", "{\"userId\":\"u\x80\",\"event\":\"E\"}",
+          "invalid UTF-8 in a JSON string" },
+        { "0xff byte", "{\"userId\":\"u1\",\"event\":\"\xff\"}",
+          "invalid UTF-8 in a JSON string" },
+        { "overlong slash", "{\"userId\":\"u1\",\"event\":\"\xc0\xaf\"}",
+          "invalid UTF-8 in a JSON string" },
+        { "surrogate half", "{\"userId\":\"u1\",\"event\":\"\xed\xa0\x80\"}",
+          "invalid UTF-8 in a JSON string" },
+        { "beyond U+10FFFF",
+          "{\"userId\":\"u1\",\"event\":\"\xf4\x90\x80\x80\"}",
+          "invalid UTF-8 in a JSON string" },
+        { "truncated sequence", "{\"userId\":\"u1\",\"event\":\"\xe2\x98\"}",
+          "invalid UTF-8 in a JSON string" }
+    };
+
+    size_t  i, len;
+
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        /* the raw NUL case is longer than strlen() sees */
+        len = (i == 0) ? sizeof("{\"userId\":\"u1\0evil\",\"event\":\"E\"}") - 1
+                       : strlen(cases[i].json);
+
+        expect_status_len(cases[i].name, STORIES_CALL_TRACK, cases[i].json,
+                          len, &options_default, 400, cases[i].error);
+    }
+
+    expect_forwarded("four-byte UTF-8 kept", STORIES_CALL_TRACK,
+        "{\"userId\":\"u1\",\"event\":\"\xf0\x9f\x8e\x89\"}", &options_default,
+        "{\"user_id\":\"u1\",\"name\":\"Track\","
+        "\"data\":{\"content\":\"\xf0\x9f\x8e\x89\"}}", NULL);
 }
