@@ -129,6 +129,10 @@ typedef struct {
 static volatile sig_atomic_t  replay_signal;
 
 
+/* The Stories paths that the module writes to the dead-letter file. */
+static const char  *replay_paths[] = { "/v1/events/", "/v1/users", NULL };
+
+
 static void replay_log_retry(replay_ctx_t *ctx, replay_file_t *rf,
     const char *reason, long number, long delay_ms);
 
@@ -1060,19 +1064,17 @@ replay_check_path(const replay_line_t *line)
         return "missing \"path\"";
     }
 
-    if (line->path_len == 0 || line->path[0] != '/') {
-        return "\"path\" does not start with \"/\"";
-    }
+    /* the module writes only these two, and the key goes with each line */
 
-    for (i = 0; i < line->path_len; i++) {
-        if ((unsigned char) line->path[i] <= ' '
-            || (unsigned char) line->path[i] >= 0x7f
-            || line->path[i] == '\\')
+    for (i = 0; replay_paths[i] != NULL; i++) {
+        if (line->path_len == strlen(replay_paths[i])
+            && memcmp(line->path, replay_paths[i], line->path_len) == 0)
         {
-            return "\"path\" contains a character that a URL path "
-                   "cannot contain";
+            return NULL;
         }
     }
+
+    return "\"path\" is neither \"/v1/events/\" nor \"/v1/users\"";
 
     return NULL;
 }
@@ -1515,7 +1517,9 @@ static void
 replay_log_failure(replay_ctx_t *ctx, replay_file_t *rf, off_t offset,
     const replay_line_t *line, const char *reason)
 {
-    int  id_len;
+    int            i, id_len;
+    char           id[REPLAY_MESSAGE_ID_MAX];
+    unsigned char  c;
 
     replay_progress_clear(ctx);
 
@@ -1526,9 +1530,17 @@ replay_log_failure(replay_ctx_t *ctx, replay_file_t *rf, off_t offset,
 
     /* A null messageId is left out. */
     if (line->message_id != NULL && line->message_id[0] == '"') {
+
+        /* terminal control sequences in the file must not reach stderr */
+
+        for (i = 0; i < id_len; i++) {
+            c = line->message_id[i];
+            id[i] = (c >= 0x20 && c < 0x7f) ? (char) c : '?';
+        }
+
         fprintf(stderr, REPLAY_NAME ": %s: line at byte %lld, messageId "
                 "%.*s: %s; appended to %s\n", rf->path, (long long) offset,
-                id_len, line->message_id, reason, rf->failed_path);
+                id_len, id, reason, rf->failed_path);
 
     } else {
         fprintf(stderr, REPLAY_NAME ": %s: line at byte %lld: %s; "

@@ -269,6 +269,27 @@ is($run->{exit}, 0, 'replaced file exits 0');
 is(scalar $t->stories_requests, 3, 'replaced file is sent from the start');
 
 ############################################################################
+# Paths other than the module's, and control bytes in a messageId
+
+$file = dead_letter_file('paths.jsonl',
+    dead_letter(path => '/../../admin', id => 'm-admin', status => 500,
+        body => track_body(11)),
+    dead_letter(path => '/v1/users', id => "m-esc\e[31m",
+        status => 400, body => track_body(12)));
+$t->clear_stories;
+$t->set_stories_rules({ status => 400 });
+$run = replay(api => $API, args => [$file]);
+$t->set_stories_rules();
+is($run->{exit}, 1, 'foreign path exits 1');
+is_deeply([map { $_->{uri} } $t->stories_requests], ['/v1/users'],
+    'foreign path is not sent');
+my @failed = failed_lines($file);
+is(scalar @failed, 2, 'foreign path and rejection both failed');
+like($failed[0] // '', qr/^\{"replay_status":0,"time"/,
+    'foreign path failed with status 0');
+unlike($run->{stderr}, qr/\e/, 'no escape byte on stderr');
+
+############################################################################
 # Large body
 
 my $big_body = '{"user_id":"u1","name":"Track","data":{"content":"'
