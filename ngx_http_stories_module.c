@@ -289,6 +289,14 @@ ngx_http_stories_front_body_handler(ngx_http_request_t *r)
         /* subrequests of the detached request are posted to it alone */
 
         ngx_http_run_posted_requests(dctx->request->connection);
+
+        /* when none could start, no subrequest is left to free it */
+
+        if (dctx->finished == dctx->result.nrequests
+            && !dctx->free_event.posted)
+        {
+            ngx_post_event(&dctx->free_event, &ngx_posted_events);
+        }
     }
 
     /* the request goes on to its own handler whatever happened above */

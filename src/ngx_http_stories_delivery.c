@@ -316,6 +316,12 @@ ngx_http_stories_start(ngx_http_stories_ctx_t *ctx)
                       "stories: failed to start the request to \"%s\" "
                       "for a %s call",
                       d->request->path, stories_call_name(d->request->type));
+
+        if (ctx->conf->dead_letter != NULL
+            && ngx_http_stories_keep(ctx, d, NULL) == NGX_OK)
+        {
+            d->kept = 1;
+        }
     }
 }
 
