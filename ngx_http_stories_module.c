@@ -323,6 +323,7 @@ ngx_http_stories_endpoint_handler(ngx_http_request_t *r)
     stories_call_e                call;
     stories_encoding_e            encoding;
     ngx_http_stories_ctx_t       *ctx;
+    ngx_http_core_loc_conf_t     *clcf;
     ngx_http_stories_loc_conf_t  *slcf;
 
     if (r != r->main) {
@@ -330,8 +331,9 @@ ngx_http_stories_endpoint_handler(ngx_http_request_t *r)
     }
 
     slcf = ngx_http_get_module_loc_conf(r, ngx_http_stories_module);
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
-    if (slcf->forward.len == 0) {
+    if (slcf->forward.len == 0 || clcf->internal) {
         return NGX_DECLINED;
     }
 
