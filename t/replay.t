@@ -283,9 +283,9 @@ $t->set_stories_rules();
 is($run->{exit}, 1, 'foreign path exits 1');
 is_deeply([map { $_->{uri} } $t->stories_requests], ['/v1/users'],
     'foreign path is not sent');
-my @failed = failed_lines($file);
-is(scalar @failed, 2, 'foreign path and rejection both failed');
-like($failed[0] // '', qr/^\{"replay_status":0,"time"/,
+my @foreign = failed_lines($file);
+is(scalar @foreign, 2, 'foreign path and rejection both failed');
+like($foreign[0] // '', qr/^\{"replay_status":0,"time"/,
     'foreign path failed with status 0');
 unlike($run->{stderr}, qr/\e/, 'no escape byte on stderr');
 
