@@ -56,7 +56,7 @@ deps:
 	    fi; \
 	fi
 
-$(BUILD)/nginx/Makefile: config
+$(BUILD)/nginx/objs/Makefile: config
 	rm -rf $(BUILD)/nginx
 	mkdir -p $(BUILD)
 	cp -a $(NGINX_SRC) $(BUILD)/nginx
@@ -67,7 +67,7 @@ $(BUILD)/nginx/Makefile: config
 
 GLUE_DEPS   := ngx_http_stories_module.c $(wildcard src/ngx_http_stories*)
 
-$(MODULE): $(BUILD)/nginx/Makefile $(GLUE_DEPS) $(CORE_DEPS)
+$(MODULE): $(BUILD)/nginx/objs/Makefile $(GLUE_DEPS) $(CORE_DEPS)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
 	cp $(BUILD)/nginx/objs/ngx_http_stories_module.so $@.tmp
 	mv $@.tmp $@
