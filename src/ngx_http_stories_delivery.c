@@ -52,6 +52,9 @@ static ngx_queue_t  ngx_http_stories_pending;
  * existing endpoint.  The client's request then ends, and frees its
  * keepalive connection, without waiting for Stories, and a client that
  * goes away does not cancel the delivery.
+ *
+ * NOTE: nothing but worker_connections limits how many of these a worker
+ * runs at once, since their clients never wait for them.
  */
 
 ngx_http_stories_ctx_t *
