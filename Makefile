@@ -72,9 +72,10 @@ $(MODULE): $(BUILD)/nginx/objs/Makefile $(GLUE_DEPS) $(CORE_DEPS)
 	cp $(BUILD)/nginx/objs/ngx_http_stories_module.so $@.tmp
 	mv $@.tmp $@
 
-$(BUILD)/%_test: t/unit/%_test.c $(CORE_DEPS)
+$(BUILD)/%_test: t/unit/%_test.c t/unit/tap.c t/unit/tap.h $(CORE_DEPS)
 	mkdir -p $(BUILD)
-	$(CC) $(WARNINGS) $(CFLAGS) -Isrc -o $@ $< $(CORE_SRCS) -lcjson -lz -lm
+	$(CC) $(WARNINGS) $(CFLAGS) -Isrc -It/unit -o $@ $< t/unit/tap.c \
+	    $(CORE_SRCS) -lcjson -lz -lm
 
 $(REPLAY): src/stories_replay.c
 	mkdir -p $(BUILD)

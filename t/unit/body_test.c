@@ -19,13 +19,7 @@
 #include <zlib.h>
 
 #include "stories_body.h"
-
-
-#if defined(__GNUC__)
-#define TEST_PRINTF(f, a)  __attribute__((format(printf, f, a)))
-#else
-#define TEST_PRINTF(f, a)
-#endif
+#include "tap.h"
 
 
 /* zlib window bits for deflateInit2(): gzip wrapper, zlib wrapper, raw */
@@ -56,15 +50,10 @@ typedef struct {
 } format_t;
 
 
-static int test_ok(int passed, const char *fmt, ...) TEST_PRINTF(2, 3);
-static void print_bytes(const char *label, const char *s, size_t len);
-static int is_size(size_t got, size_t expected, const char *name,
-    const char *what);
 static const char *escape_bytes(const char *s, size_t len, char *buf,
     size_t size);
 static const char *encoding_name(stories_encoding_e encoding);
 static const char *inflate_status_name(int rc);
-static char *copy_exact(const char *data, size_t len);
 static char *make_text(size_t len);
 static char *compress_bytes(int bits, const char *data, size_t len,
     size_t *out_len);
@@ -101,15 +90,11 @@ static const char  json_body[] =
     "{\"batch\":[{\"type\":\"track\",\"userId\":\"u1\",\"event\":\"Signed Up\"},"
     "{\"type\":\"identify\",\"userId\":\"u2\",\"traits\":{\"plan\":\"pro\"}}]}";
 
-static unsigned     test_number;
-static unsigned     test_failures;
-
 
 int
 main(void)
 {
-    /* diagnostics and results must not be reordered by buffering */
-    setvbuf(stdout, NULL, _IONBF, 0);
+    tap_start();
 
     test_content_type();
     test_encoding_names();
@@ -121,81 +106,11 @@ main(void)
     test_inflate_trailing_data();
     test_inflate_empty();
 
-    printf("1..%u\n", test_number);
-
-    if (test_failures != 0) {
-        printf("# %u of %u tests failed\n", test_failures, test_number);
-        return 1;
-    }
-
-    return 0;
+    return tap_finish();
 }
 
 
 /* TAP output and assertions */
-
-
-static int
-test_ok(int passed, const char *fmt, ...)
-{
-    va_list  args;
-
-    test_number++;
-
-    if (!passed) {
-        test_failures++;
-    }
-
-    printf("%sok %u - ", passed ? "" : "not ", test_number);
-
-    va_start(args, fmt);
-    vprintf(fmt, args);
-    va_end(args);
-
-    printf("\n");
-
-    return passed;
-}
-
-
-/* Prints bytes on a TAP diagnostic line with non-printable bytes as \xNN. */
-static void
-print_bytes(const char *label, const char *s, size_t len)
-{
-    size_t          i;
-    unsigned char   c;
-
-    printf("#   %8s: \"", label);
-
-    for (i = 0; i < len; i++) {
-        c = (unsigned char) s[i];
-
-        if (c == '"' || c == '\\') {
-            printf("\\%c", c);
-
-        } else if (c >= 0x20 && c < 0x7f) {
-            putchar(c);
-
-        } else {
-            printf("\\x%02x", c);
-        }
-    }
-
-    printf("\" (%zu bytes)\n", len);
-}
-
-
-static int
-is_size(size_t got, size_t expected, const char *name, const char *what)
-{
-    if (!test_ok(got == expected, "%s: %s", name, what)) {
-        printf("#   expected: %zu\n", expected);
-        printf("#        got: %zu\n", got);
-        return 0;
-    }
-
-    return 1;
-}
 
 
 /* Writes bytes for a test name, with non-printable bytes as \xNN. */
@@ -261,26 +176,6 @@ inflate_status_name(int rc)
 
 
 /* Helpers that build inputs and run the code under test */
-
-
-/* Copies data into a buffer of exactly len bytes, with no NUL after it. */
-static char *
-copy_exact(const char *data, size_t len)
-{
-    char  *copy;
-
-    copy = malloc(len != 0 ? len : 1);
-    if (copy == NULL) {
-        printf("Bail out! malloc() of %zu bytes failed\n", len);
-        exit(1);
-    }
-
-    if (len != 0) {
-        memcpy(copy, data, len);
-    }
-
-    return copy;
-}
 
 
 /*

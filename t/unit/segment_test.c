@@ -17,13 +17,7 @@
 #include <string.h>
 
 #include "stories_segment.h"
-
-
-#if defined(__GNUC__)
-#define TEST_PRINTF(f, a)  __attribute__((format(printf, f, a)))
-#else
-#define TEST_PRINTF(f, a)
-#endif
+#include "tap.h"
 
 
 typedef struct {
@@ -51,18 +45,13 @@ typedef struct {
 } reason_case_t;
 
 
-static int test_ok(int passed, const char *fmt, ...) TEST_PRINTF(2, 3);
-static void print_bytes(const char *label, const char *s, size_t len);
 static int is_bytes(const char *got, size_t got_len, const char *expected,
     const char *name, const char *what);
 static int is_text(const char *got, const char *expected, const char *name,
     const char *what);
-static int is_size(size_t got, size_t expected, const char *name,
-    const char *what);
 static int is_int(int got, int expected, const char *name, const char *what);
 static int is_call(stories_call_e got, stories_call_e expected,
     const char *name, const char *what);
-static char *copy_exact(const char *data, size_t len);
 static int translate(stories_call_e call, const char *json, size_t len,
     const stories_options_t *options, stories_result_t *result);
 static int is_accepted(int rc, stories_result_t *result, const char *name);
@@ -116,15 +105,11 @@ static void test_response_error(void);
 static const stories_options_t  options_default = { .sync_users = 0 };
 static const stories_options_t  options_sync = { .sync_users = 1 };
 
-static unsigned     test_number;
-static unsigned     test_failures;
-
 
 int
 main(void)
 {
-    /* diagnostics and results must not be reordered by buffering */
-    setvbuf(stdout, NULL, _IONBF, 0);
+    tap_start();
 
     test_call_from_path();
     test_call_from_path_length();
@@ -156,73 +141,11 @@ main(void)
     test_response_success();
     test_response_error();
 
-    printf("1..%u\n", test_number);
-
-    if (test_failures != 0) {
-        printf("# %u of %u tests failed\n", test_failures, test_number);
-        return 1;
-    }
-
-    return 0;
+    return tap_finish();
 }
 
 
 /* TAP output and assertions */
-
-
-static int
-test_ok(int passed, const char *fmt, ...)
-{
-    va_list  args;
-
-    test_number++;
-
-    if (!passed) {
-        test_failures++;
-    }
-
-    printf("%sok %u - ", passed ? "" : "not ", test_number);
-
-    va_start(args, fmt);
-    vprintf(fmt, args);
-    va_end(args);
-
-    printf("\n");
-
-    return passed;
-}
-
-
-/* Prints bytes on a TAP diagnostic line with non-printable bytes as \xNN. */
-static void
-print_bytes(const char *label, const char *s, size_t len)
-{
-    size_t          i;
-    unsigned char   c;
-
-    if (s == NULL) {
-        printf("#   %8s: NULL\n", label);
-        return;
-    }
-
-    printf("#   %8s: \"", label);
-
-    for (i = 0; i < len; i++) {
-        c = (unsigned char) s[i];
-
-        if (c == '"' || c == '\\') {
-            printf("\\%c", c);
-
-        } else if (c >= 0x20 && c < 0x7f) {
-            putchar(c);
-
-        } else {
-            printf("\\x%02x", c);
-        }
-    }
-
-    printf("\" (%zu bytes)\n", len);
-}
 
 
 static int
@@ -270,19 +193,6 @@ is_text(const char *got, const char *expected, const char *name,
 
 
 static int
-is_size(size_t got, size_t expected, const char *name, const char *what)
-{
-    if (!test_ok(got == expected, "%s: %s", name, what)) {
-        printf("#   expected: %zu\n", expected);
-        printf("#        got: %zu\n", got);
-        return 0;
-    }
-
-    return 1;
-}
-
-
-static int
 is_int(int got, int expected, const char *name, const char *what)
 {
     if (!test_ok(got == expected, "%s: %s", name, what)) {
@@ -310,24 +220,6 @@ is_call(stories_call_e got, stories_call_e expected, const char *name,
 
 
 /* Helpers that run the code under test */
-
-
-/* Copies data into a buffer of exactly len bytes, with no NUL after it. */
-static char *
-copy_exact(const char *data, size_t len)
-{
-    char  *copy;
-
-    copy = malloc(len != 0 ? len : 1);
-    if (copy == NULL) {
-        printf("Bail out! malloc() of %zu bytes failed\n", len);
-        exit(1);
-    }
-
-    memcpy(copy, data, len);
-
-    return copy;
-}
 
 
 /*
