@@ -30,6 +30,8 @@ static char *ngx_http_stories_write_key(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_stories_write_keys_file(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_stories_create_write_keys(ngx_conf_t *cf,
+    ngx_http_stories_loc_conf_t *slcf);
 static char *ngx_http_stories_dead_letter(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_stories_read_conf_file(ngx_conf_t *cf,
@@ -705,11 +707,8 @@ ngx_http_stories_write_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return "takes an empty key";
     }
 
-    if (slcf->write_keys == NGX_CONF_UNSET_PTR) {
-        slcf->write_keys = ngx_array_create(cf->pool, 4, sizeof(ngx_str_t));
-        if (slcf->write_keys == NULL) {
-            return NGX_CONF_ERROR;
-        }
+    if (ngx_http_stories_create_write_keys(cf, slcf) != NGX_OK) {
+        return NGX_CONF_ERROR;
     }
 
     key = ngx_array_push(slcf->write_keys);
@@ -741,11 +740,8 @@ ngx_http_stories_write_keys_file(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    if (slcf->write_keys == NGX_CONF_UNSET_PTR) {
-        slcf->write_keys = ngx_array_create(cf->pool, 4, sizeof(ngx_str_t));
-        if (slcf->write_keys == NULL) {
-            return NGX_CONF_ERROR;
-        }
+    if (ngx_http_stories_create_write_keys(cf, slcf) != NGX_OK) {
+        return NGX_CONF_ERROR;
     }
 
     n = 0;
@@ -791,6 +787,25 @@ ngx_http_stories_write_keys_file(ngx_conf_t *cf, ngx_command_t *cmd,
     }
 
     return NGX_CONF_OK;
+}
+
+
+/* Creates the list of write keys of this level on its first key. */
+
+static ngx_int_t
+ngx_http_stories_create_write_keys(ngx_conf_t *cf,
+    ngx_http_stories_loc_conf_t *slcf)
+{
+    if (slcf->write_keys != NGX_CONF_UNSET_PTR) {
+        return NGX_OK;
+    }
+
+    slcf->write_keys = ngx_array_create(cf->pool, 4, sizeof(ngx_str_t));
+    if (slcf->write_keys == NULL) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
 }
 
 

@@ -148,7 +148,7 @@ stories_inflate_bits(int bits, const char *in, size_t len, size_t max,
         return STORIES_INFLATE_NO_MEMORY;
     }
 
-    /* one byte past max tells apart an output of max from a larger one */
+    /* room for max + 1 bytes shows whether the output exceeds max */
 
     size = len * 4 < STORIES_INFLATE_STEP ? STORIES_INFLATE_STEP : len * 4;
     if (size > max + 1) {

@@ -2291,7 +2291,7 @@ test_string_bytes(void)
     size_t  i, len;
 
     for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        /* the raw NUL case is longer than strlen() sees */
+        /* strlen() would stop at the raw NUL of the first case */
         len = (i == 0) ? sizeof("{\"userId\":\"u1\0evil\",\"event\":\"E\"}") - 1
                        : strlen(cases[i].json);
 
