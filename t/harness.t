@@ -9,6 +9,7 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 
+use IO::Socket::INET;
 use POSIX qw(WNOHANG);
 use Test::More;
 use Time::HiRes qw(time);
@@ -187,6 +188,26 @@ is(scalar $t->stories_requests(), 0, 'backend request not in stories');
 
 $r = $t->request('POST', '/closed/x', '{}');
 is($r->{status}, 502, 'closed port refused');
+
+# The kernel may hand out a port twice when binding port 0.  The harness
+# must not: a server on CLOSED_PORT, or two servers on one port, would
+# make tests pass or fail for the wrong reason.
+
+my @ports = ($t->port, $t->stories_port, $t->backend_port, $t->closed_port,
+    map { StoriesTest::free_port() } 1 .. 2000);
+my %seen;
+is(scalar(grep { $seen{$_}++ } @ports), 0, 'ports are never given twice');
+
+my $taker = IO::Socket::INET->new(
+    LocalAddr => '127.0.0.1',
+    LocalPort => $t->closed_port,
+    Proto     => 'tcp',
+    Listen    => 1,
+    ReuseAddr => 1,
+);
+ok(!$taker, 'closed port cannot be taken by a server');
+$r = $t->request('POST', '/closed/x', '{}');
+is($r->{status}, 502, 'closed port still refused');
 
 # nginx -t on a broken config.
 

@@ -86,11 +86,19 @@ sub new {
         owner_pid       => $$,
     }, $class;
 
-    # CLOSED_PORT is a free port on which nothing listens, so connections
-    # to it are refused.
-    for my $name (qw(port stories_port backend_port closed_port)) {
+    for my $name (qw(port stories_port backend_port)) {
         $self->{$name} = free_port();
     }
+
+    # CLOSED_PORT stays bound to a socket that never listens, so connections
+    # to it are refused for as long as the test runs.  The socket has no
+    # SO_REUSEADDR, so neither a server nor nginx can take the port.
+    $self->{closed_socket} = IO::Socket::INET->new(
+        LocalAddr => '127.0.0.1',
+        LocalPort => 0,
+        Proto     => 'tcp',
+    ) or die "cannot bind a loopback port: $!\n";
+    $self->{closed_port} = $self->{closed_socket}->sockport;
 
     diag("test directory kept: $dir") if $leave;
 
@@ -104,18 +112,25 @@ sub backend_port { $_[0]{backend_port} }
 sub closed_port  { $_[0]{closed_port} }
 
 # Returns a loopback TCP port that was free when this ran.  The kernel picks
-# it when binding port 0, and the socket is closed again at once.
+# it when binding port 0, and the socket is closed again at once.  The
+# kernel may pick a closed port again, so a port this process was already
+# given is skipped: two servers of one test never get the same port.
+my %given_ports;
+
 sub free_port {
-    my $sock = IO::Socket::INET->new(
-        LocalAddr => '127.0.0.1',
-        LocalPort => 0,
-        Proto     => 'tcp',
-        Listen    => 1,
-        ReuseAddr => 1,
-    ) or die "cannot bind a loopback port: $!\n";
-    my $port = $sock->sockport;
-    close $sock;
-    return $port;
+    for (1 .. 100) {
+        my $sock = IO::Socket::INET->new(
+            LocalAddr => '127.0.0.1',
+            LocalPort => 0,
+            Proto     => 'tcp',
+            Listen    => 1,
+            ReuseAddr => 1,
+        ) or die "cannot bind a loopback port: $!\n";
+        my $port = $sock->sockport;
+        close $sock;
+        return $port unless $given_ports{$port}++;
+    }
+    die "no unused loopback port after 100 tries\n";
 }
 
 sub has_module {
