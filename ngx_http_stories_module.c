@@ -13,6 +13,8 @@
 
 static ngx_int_t ngx_http_stories_front_handler(ngx_http_request_t *r);
 static void ngx_http_stories_front_body_handler(ngx_http_request_t *r);
+static void ngx_http_stories_send_copy(ngx_http_request_t *r,
+    ngx_http_stories_ctx_t *ctx);
 static ngx_int_t ngx_http_stories_endpoint_handler(ngx_http_request_t *r);
 static void ngx_http_stories_endpoint_body_handler(ngx_http_request_t *r);
 static void ngx_http_stories_endpoint_wake(ngx_http_request_t *r);
@@ -47,6 +49,11 @@ static void ngx_http_stories_exit_process(ngx_cycle_t *cycle);
 
 static ngx_conf_num_bounds_t  ngx_http_stories_concurrency_bounds = {
     ngx_conf_check_num_bounds, 1, 1000
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_stories_max_pending_bounds = {
+    ngx_conf_check_num_bounds, 1, 1000000
 };
 
 
@@ -94,6 +101,13 @@ static ngx_command_t  ngx_http_stories_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_stories_loc_conf_t, concurrency),
       &ngx_http_stories_concurrency_bounds },
+
+    { ngx_string("stories_max_pending"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_stories_loc_conf_t, max_pending),
+      &ngx_http_stories_max_pending_bounds },
 
     { ngx_string("stories_write_key"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -254,12 +268,15 @@ ngx_http_stories_front_handler(ngx_http_request_t *r)
 }
 
 
-static void
-ngx_http_stories_front_body_handler(ngx_http_request_t *r)
-{
-    ngx_http_stories_ctx_t  *ctx, *dctx;
+/*
+ * Hands the Stories requests of a call in front of an existing endpoint to
+ * a detached request of the module's own and starts them.
+ */
 
-    ctx = ngx_http_stories_get_ctx(r);
+static void
+ngx_http_stories_send_copy(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
+{
+    ngx_http_stories_ctx_t  *dctx;
 
     dctx = ngx_http_stories_detach(r, ctx);
 
@@ -268,38 +285,55 @@ ngx_http_stories_front_body_handler(ngx_http_request_t *r)
                       "stories: %s call not forwarded: failed to create "
                       "the request that sends it",
                       stories_call_name(ctx->call));
-
-    } else if (ngx_http_stories_translate(r, dctx) != NGX_OK
-               || dctx->result.status != 0
-               || dctx->result.nrequests == 0)
-    {
-        if (dctx->result.status != 0) {
-            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                          "stories: %s call not forwarded: %s",
-                          stories_call_name(ctx->call), dctx->result.error);
-
-        } else {
-            ngx_http_stories_log_notes(r, dctx);
-        }
-
-        ngx_http_stories_detached_free(&dctx->free_event);
-
-    } else {
-        ngx_http_stories_log_notes(r, dctx);
-        ngx_http_stories_start(dctx);
-
-        /* subrequests of the detached request are posted to it alone */
-
-        ngx_http_run_posted_requests(dctx->request->connection);
-
-        /* when none could start, no subrequest is left to free it */
-
-        if (dctx->finished == dctx->result.nrequests
-            && !dctx->free_event.posted)
-        {
-            ngx_post_event(&dctx->free_event, &ngx_posted_events);
-        }
+        return;
     }
+
+    if (ngx_http_stories_translate(r, dctx) != NGX_OK) {
+        ngx_http_stories_detached_free(&dctx->free_event);
+        return;
+    }
+
+    if (dctx->result.status != 0) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "stories: %s call not forwarded: %s",
+                      stories_call_name(ctx->call), dctx->result.error);
+        ngx_http_stories_detached_free(&dctx->free_event);
+        return;
+    }
+
+    ngx_http_stories_log_notes(r, dctx);
+
+    if (dctx->result.nrequests == 0
+        || ngx_http_stories_admit(dctx) != NGX_OK)
+    {
+        ngx_http_stories_detached_free(&dctx->free_event);
+        return;
+    }
+
+    ngx_http_stories_start(dctx);
+
+    /* subrequests of the detached request are posted to it alone */
+
+    ngx_http_run_posted_requests(dctx->request->connection);
+
+    /* when none could start, no subrequest is left to free it */
+
+    if (dctx->finished == dctx->result.nrequests
+        && !dctx->free_event.posted)
+    {
+        ngx_post_event(&dctx->free_event, &ngx_posted_events);
+    }
+}
+
+
+static void
+ngx_http_stories_front_body_handler(ngx_http_request_t *r)
+{
+    ngx_http_stories_ctx_t  *ctx;
+
+    ctx = ngx_http_stories_get_ctx(r);
+
+    ngx_http_stories_send_copy(r, ctx);
 
     /* the request goes on to its own handler whatever happened above */
 
@@ -540,6 +574,7 @@ ngx_http_stories_create_loc_conf(ngx_conf_t *cf)
 
     conf->sync_users = NGX_CONF_UNSET;
     conf->concurrency = NGX_CONF_UNSET;
+    conf->max_pending = NGX_CONF_UNSET;
     conf->write_keys = NGX_CONF_UNSET_PTR;
     conf->cors_origins = NGX_CONF_UNSET_PTR;
     conf->max_message_size = NGX_CONF_UNSET_SIZE;
@@ -564,6 +599,7 @@ ngx_http_stories_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_str_value(conf->api_key, prev->api_key, "");
     ngx_conf_merge_value(conf->sync_users, prev->sync_users, 0);
     ngx_conf_merge_value(conf->concurrency, prev->concurrency, 8);
+    ngx_conf_merge_value(conf->max_pending, prev->max_pending, 256);
     ngx_conf_merge_ptr_value(conf->write_keys, prev->write_keys, NULL);
     ngx_conf_merge_ptr_value(conf->cors_origins, prev->cors_origins, NULL);
     ngx_conf_merge_size_value(conf->max_message_size,

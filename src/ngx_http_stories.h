@@ -34,6 +34,7 @@ typedef struct {
     ngx_str_t                    api_key;
     ngx_flag_t                   sync_users;
     ngx_int_t                    concurrency;
+    ngx_int_t                    max_pending;
     ngx_array_t                 *write_keys;
     ngx_array_t                 *cors_origins;
     size_t                       max_message_size;
@@ -83,6 +84,7 @@ struct ngx_http_stories_ctx_s {
     unsigned                      translated:1;
     unsigned                      responded:1;
     unsigned                      queued:1;
+    unsigned                      counted:1;
 };
 
 
@@ -96,6 +98,7 @@ ngx_table_elt_t *ngx_http_stories_find_header(ngx_http_request_t *r,
 ngx_http_stories_ctx_t *ngx_http_stories_detach(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *client_ctx);
 void ngx_http_stories_detached_free(ngx_event_t *ev);
+ngx_int_t ngx_http_stories_admit(ngx_http_stories_ctx_t *ctx);
 void ngx_http_stories_start(ngx_http_stories_ctx_t *ctx);
 void ngx_http_stories_cleanup(void *data);
 void ngx_http_stories_init_pending(void);

@@ -15,6 +15,8 @@
 #include "ngx_http_stories.h"
 
 
+static void ngx_http_stories_finish(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d);
 static void ngx_http_stories_abandon(ngx_http_stories_ctx_t *ctx,
     const char *reason);
 static ngx_connection_t *ngx_http_stories_fake_connection(
@@ -45,6 +47,12 @@ static ngx_str_t  ngx_http_stories_post = ngx_string("POST");
  */
 static ngx_queue_t  ngx_http_stories_pending;
 
+/*
+ * The number of unfinished Stories requests of detached calls in this
+ * worker, compared with stories_max_pending.
+ */
+static ngx_uint_t   ngx_http_stories_npending;
+
 
 /*
  * Creates a request of the module's own, on a connection without a
@@ -53,8 +61,8 @@ static ngx_queue_t  ngx_http_stories_pending;
  * keepalive connection, without waiting for Stories, and a client that
  * goes away does not cancel the delivery.
  *
- * NOTE: nothing but worker_connections limits how many of these a worker
- * runs at once, since their clients never wait for them.
+ * Their clients never wait for them, so ngx_http_stories_admit() caps
+ * their Stories requests in a worker.
  */
 
 ngx_http_stories_ctx_t *
@@ -288,6 +296,29 @@ ngx_http_stories_detached_free(ngx_event_t *ev)
 }
 
 
+/*
+ * Admits a detached call while the worker has fewer than stories_max_pending
+ * unfinished Stories requests, so that a slow Stories cannot use up memory
+ * and worker_connections.  A call is admitted whole, even a batch past the
+ * limit.  A call that is not admitted has each request logged and written
+ * to the dead-letter file, and the caller frees it.
+ */
+
+ngx_int_t
+ngx_http_stories_admit(ngx_http_stories_ctx_t *ctx)
+{
+    if (ngx_http_stories_npending >= (ngx_uint_t) ctx->conf->max_pending) {
+        ngx_http_stories_abandon(ctx, "stories_max_pending reached");
+        return NGX_DECLINED;
+    }
+
+    ngx_http_stories_npending += ctx->result.nrequests;
+    ctx->counted = 1;
+
+    return NGX_OK;
+}
+
+
 /* Starts Stories requests until stories_concurrency of them are running. */
 
 void
@@ -311,9 +342,8 @@ ngx_http_stories_start(ngx_http_stories_ctx_t *ctx)
             continue;
         }
 
-        d->done = 1;
         d->outcome = NGX_HTTP_STORIES_INTERNAL;
-        ctx->finished++;
+        ngx_http_stories_finish(ctx, d);
 
         ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
                       "stories: failed to start the request to \"%s\" "
@@ -325,6 +355,19 @@ ngx_http_stories_start(ngx_http_stories_ctx_t *ctx)
         {
             d->kept = 1;
         }
+    }
+}
+
+
+static void
+ngx_http_stories_finish(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d)
+{
+    d->done = 1;
+    ctx->finished++;
+
+    if (ctx->counted) {
+        ngx_http_stories_npending--;
     }
 }
 
@@ -477,8 +520,7 @@ ngx_http_stories_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
 
     ctx = d->ctx;
 
-    d->done = 1;
-    ctx->finished++;
+    ngx_http_stories_finish(ctx, d);
     ctx->active--;
 
     ngx_http_stories_classify(sr, d, rc);
@@ -776,6 +818,11 @@ ngx_http_stories_cleanup(void *data)
 {
     ngx_http_stories_ctx_t  *ctx = data;
 
+    if (ctx->counted) {
+        ngx_http_stories_npending -= ctx->result.nrequests - ctx->finished;
+        ctx->counted = 0;
+    }
+
     if (ctx->queued) {
         ngx_queue_remove(&ctx->queue);
         ctx->queued = 0;
@@ -826,6 +873,7 @@ void
 ngx_http_stories_init_pending(void)
 {
     ngx_queue_init(&ngx_http_stories_pending);
+    ngx_http_stories_npending = 0;
 }
 
 

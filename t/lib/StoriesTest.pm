@@ -546,6 +546,10 @@ sub _mock_serve_connection {
         my $rule = _find_rule($dir, $name, $seq, $request);
 
         sleep $rule->{delay} if $rule->{delay};
+        if (defined $rule->{hold}) {
+            my $deadline = time() + 60;
+            sleep 0.02 until -e "$dir/$rule->{hold}" || time() > $deadline;
+        }
 
         # Count the request as finished before nginx can see the answer.
         # Otherwise the next request nginx sends in its place could be
@@ -730,7 +734,9 @@ sub header_values {
 #           body_contains (byte substring), uri_contains
 #   answer: status (default 200), headers ([[name, value], ...]),
 #           body (default {"ok":true}), delay (seconds, fractional),
-#           close (true: close the connection without answering)
+#           hold (a file name: answer once the test directory has it,
+#           or after 60 s), close (true: close the connection without
+#           answering)
 # The first rule whose match keys all hold is used.  A rule with no match
 # keys applies to every request.
 sub set_rules {
