@@ -3,6 +3,7 @@
  */
 
 
+#include <ctype.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -72,6 +73,9 @@ static char *stories_printable(const char *s, size_t max);
 static size_t stories_scan(const char *body, size_t len, size_t limit,
     int *flaws);
 static size_t stories_utf8_length(const unsigned char *p, size_t left);
+static int stories_keep_numbers(cJSON *item, const char *body, size_t len,
+    size_t *pos);
+static int stories_is_number(const cJSON *item);
 static int stories_reject(stories_translation_t *tr, cJSON *message,
     stories_call_e call, size_t index, const char *reason);
 static void stories_fail(stories_result_t *result, int status,
@@ -273,9 +277,14 @@ stories_translate(stories_call_e call, const char *body, size_t len,
         }
     }
 
+    i = 0;
+
     if (!cJSON_IsObject(root)) {
         rc = 0;
         stories_fail(result, 400, "body is not a JSON object");
+
+    } else if (stories_keep_numbers(root, body, len, &i) != 0) {
+        rc = -1;
 
     } else if (stories_copy_write_key(root, result) != 0) {
         rc = -1;
@@ -606,7 +615,7 @@ stories_id_state(cJSON *item)
         return item->valuestring[0] != '\0';
     }
 
-    if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble)) {
+    if (!stories_is_number(item) || !isfinite(item->valuedouble)) {
         return -1;
     }
 
@@ -1127,6 +1136,84 @@ stories_scan(const char *body, size_t len, size_t limit, int *flaws)
     }
 
     return max;
+}
+
+
+/*
+ * Turns each number under item into a raw node that holds the number's text
+ * from the body and keeps its valuedouble.  cJSON would print the double,
+ * which rounds integers from 2^53 on and prints 1e2 as 100.  The walk and
+ * the body both go in document order, so the next number node matches the
+ * next number token after *pos.  Returns 0, or -1 without memory.
+ */
+static int
+stories_keep_numbers(cJSON *item, const char *body, size_t len, size_t *pos)
+{
+    char    *text;
+    size_t   i, start;
+    cJSON   *child;
+
+    if (cJSON_IsNumber(item)) {
+        i = *pos;
+
+        /* skip to the next number token, past any string */
+
+        while (i < len && body[i] != '-' && !isdigit((unsigned char) body[i]))
+        {
+            if (body[i++] == '"') {
+                while (i < len && body[i] != '"') {
+                    i += (body[i] == '\\') ? 2 : 1;
+                }
+
+                i++;
+            }
+        }
+
+        start = i;
+
+        while (i < len
+               && (isdigit((unsigned char) body[i]) || body[i] == '-'
+                   || body[i] == '+' || body[i] == '.' || body[i] == 'e'
+                   || body[i] == 'E'))
+        {
+            i++;
+        }
+
+        *pos = i;
+
+        if (i == start) {
+            return 0;
+        }
+
+        text = malloc(i - start + 1);
+        if (text == NULL) {
+            return -1;
+        }
+
+        memcpy(text, body + start, i - start);
+        text[i - start] = '\0';
+
+        item->type = cJSON_Raw;
+        item->valuestring = text;
+
+        return 0;
+    }
+
+    for (child = item->child; child != NULL; child = child->next) {
+        if (stories_keep_numbers(child, body, len, pos) != 0) {
+            return -1;
+        }
+    }
+
+    return 0;
+}
+
+
+/* Tells whether item is a number, kept as a raw node or not. */
+static int
+stories_is_number(const cJSON *item)
+{
+    return cJSON_IsNumber(item) || cJSON_IsRaw(item);
 }
 
 

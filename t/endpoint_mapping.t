@@ -111,6 +111,15 @@ forwards_ok('identify spaced input', '/v1/identify',
     [[$EVENTS, '{"user_id":"u1","name":"Identify","data":{"traits":'
         . '{"a":[1,2]}}}']]);
 
+# cJSON alone would send 1.2345678901234567e+19, 1.5 and 100.
+my $numbers = '{"id":12345678901234567890,"price":1.50,"exp":1e2,'
+    . '"list":[-0,2.0E-3]}';
+forwards_ok('identify numbers kept exact', '/sync/v1/identify',
+    qq({"userId":"u1","traits":$numbers}),
+    [[$EVENTS, qq({"user_id":"u1","name":"Identify","data":)
+        . qq({"traits":$numbers}})],
+     [$USERS, qq({"user_id":"u1","attributes":$numbers})]]);
+
 forwards_ok('identify null traits', '/v1/identify',
     '{"userId":"u1","traits":null}',
     [[$EVENTS, '{"user_id":"u1","name":"Identify","data":{"traits":{}}}']]);

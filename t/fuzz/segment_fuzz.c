@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "stories_body.h"
 #include "stories_segment.h"
 
@@ -24,11 +26,112 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 
+/* Parses a whole Stories body, and aborts unless it is one JSON object. */
+static cJSON *
+parse_body(stories_request_t *request)
+{
+    cJSON       *root;
+    const char  *end;
+
+    if (request->body_len == 0) {
+        abort();
+    }
+
+    end = NULL;
+    root = cJSON_ParseWithLengthOpts(request->body, request->body_len, &end,
+                                     0);
+
+    if (root == NULL) {
+        /* out of memory is the only other way to get here */
+        return NULL;
+    }
+
+    if (!cJSON_IsObject(root) || end != request->body + request->body_len) {
+        abort();
+    }
+
+    return root;
+}
+
+
+/*
+ * Tells whether two parsed values are equal member by member and in the
+ * same order.  cJSON_Compare() looks object members up by key, which goes
+ * wrong when a key occurs twice.
+ */
+static int
+same_value(const cJSON *one, const cJSON *two)
+{
+    const cJSON  *a, *b;
+
+    if (one == NULL || two == NULL
+        || (one->type & 0xff) != (two->type & 0xff))
+    {
+        return 0;
+    }
+
+    if (cJSON_IsNumber(one)) {
+        return one->valuedouble == two->valuedouble;
+    }
+
+    if (cJSON_IsString(one)) {
+        return strcmp(one->valuestring, two->valuestring) == 0;
+    }
+
+    if (!cJSON_IsArray(one) && !cJSON_IsObject(one)) {
+        return 1;
+    }
+
+    for (a = one->child, b = two->child;
+         a != NULL && b != NULL;
+         a = a->next, b = b->next)
+    {
+        if (cJSON_IsObject(one) && strcmp(a->string, b->string) != 0) {
+            return 0;
+        }
+
+        if (!same_value(a, b)) {
+            return 0;
+        }
+    }
+
+    return a == NULL && b == NULL;
+}
+
+
+/*
+ * Aborts unless the traits of a single identify call reached the Stories
+ * event with the same values, numbers included.
+ */
 static void
-check_result(stories_result_t *result)
+check_traits(const char *body, size_t len, cJSON *event)
+{
+    cJSON  *input, *sent, *traits;
+
+    input = cJSON_ParseWithLength(body, len);
+    if (input == NULL) {
+        return;
+    }
+
+    traits = cJSON_GetObjectItemCaseSensitive(input, "traits");
+    sent = cJSON_GetObjectItemCaseSensitive(
+               cJSON_GetObjectItemCaseSensitive(event, "data"), "traits");
+
+    if (cJSON_IsObject(traits) && !same_value(traits, sent)) {
+        abort();
+    }
+
+    cJSON_Delete(input);
+}
+
+
+static void
+check_result(stories_call_e call, const char *body, size_t len,
+    stories_result_t *result)
 {
     char                 *json;
-    size_t                i, len;
+    size_t                i;
+    cJSON                *root;
     stories_rejection_t  *rejected;
 
     if (result->status != 0) {
@@ -38,9 +141,13 @@ check_result(stories_result_t *result)
     }
 
     for (i = 0; i < result->nrequests; i++) {
-        if (result->requests[i].body_len == 0) {
-            abort();
+        root = parse_body(&result->requests[i]);
+
+        if (i == 0 && call == STORIES_CALL_IDENTIFY && root != NULL) {
+            check_traits(body, len, root);
         }
+
+        cJSON_Delete(root);
     }
 
     rejected = malloc((result->ninvalid + 1) * sizeof(stories_rejection_t));
@@ -116,7 +223,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                           &options, &result)
         == 0)
     {
-        check_result(&result);
+        check_result(call, inflated != NULL ? inflated : body, len, &result);
         stories_result_free(&result);
     }
 

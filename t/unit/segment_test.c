@@ -78,6 +78,7 @@ static void test_mapping(void);
 static void test_numeric_user_id(void);
 static void test_large_user_id(void);
 static void test_exact_ids(void);
+static void test_exact_numbers(void);
 static void test_string_bytes(void);
 static void test_strings(void);
 static void test_message_id(void);
@@ -118,6 +119,7 @@ main(void)
     test_numeric_user_id();
     test_large_user_id();
     test_exact_ids();
+    test_exact_numbers();
     test_string_bytes();
     test_strings();
     test_message_id();
@@ -2256,6 +2258,50 @@ test_exact_ids(void)
         "{\"userId\":-0,\"event\":\"E\"}", &options_default,
         "{\"user_id\":\"0\",\"name\":\"Track\","
         "\"data\":{\"content\":\"E\"}}", NULL);
+}
+
+
+/* Numbers in traits reach Stories as their original text. */
+static void
+test_exact_numbers(void)
+{
+    expect_forwarded("trait numbers kept as sent", STORIES_CALL_IDENTIFY,
+        "{\"userId\":\"u1\",\"traits\":{\"big\":12345678901234567890,"
+        "\"above\":9007199254740993,\"price\":1.50,\"exp\":1e2,"
+        "\"neg\":-0,\"tiny\":1E-7,\"huge\":1E400,"
+        "\"list\":[1, 2.0 ,-3e+2],\"deep\":{\"a\":[{\"b\":0.1000}]}}}",
+        &options_sync,
+        "{\"user_id\":\"u1\",\"name\":\"Identify\",\"data\":{\"traits\":"
+        "{\"big\":12345678901234567890,\"above\":9007199254740993,"
+        "\"price\":1.50,\"exp\":1e2,\"neg\":-0,\"tiny\":1E-7,"
+        "\"huge\":1E400,\"list\":[1,2.0,-3e+2],"
+        "\"deep\":{\"a\":[{\"b\":0.1000}]}}}}",
+        "{\"user_id\":\"u1\",\"attributes\":{\"big\":12345678901234567890,"
+        "\"above\":9007199254740993,\"price\":1.50,\"exp\":1e2,"
+        "\"neg\":-0,\"tiny\":1E-7,\"huge\":1E400,"
+        "\"list\":[1,2.0,-3e+2],\"deep\":{\"a\":[{\"b\":0.1000}]}}}");
+
+    /* digits, minus signs and escaped quotes inside strings are skipped */
+
+    expect_forwarded("numbers after strings with digits",
+        STORIES_CALL_IDENTIFY,
+        "{\"userId\":\"u-1\",\"context\":{\"n\":7,\"s\":\"-8 \\\"9\\\\\"},"
+        "\"traits\":{\"10\":\"-11\",\"k\\\"12\":13.0,\"e\":\"1e5\","
+        "\"z\":-14E1}}",
+        &options_default,
+        "{\"user_id\":\"u-1\",\"name\":\"Identify\",\"data\":{\"traits\":"
+        "{\"10\":\"-11\",\"k\\\"12\":13.0,\"e\":\"1e5\",\"z\":-14E1}}}",
+        NULL);
+
+    /* a numeric userId still becomes its shortest string */
+
+    expect_forwarded("numeric userId with exact traits",
+        STORIES_CALL_IDENTIFY,
+        "{\"userId\":4.20e1,\"traits\":{\"n\":4.20e1}}",
+        &options_default,
+        "{\"user_id\":\"42\",\"name\":\"Identify\",\"data\":{\"traits\":"
+        "{\"n\":4.20e1}}}",
+        NULL);
 }
 
 
