@@ -39,8 +39,10 @@ stories_encoding_e stories_encoding_from_header(const char *value,
 
 /*
  * Inflates a gzip or zlib-wrapped deflate body.  A raw deflate stream is
- * accepted for "deflate" too.  Stops as soon as the output would exceed
- * max bytes, so that the work done is bounded by max, not by the ratio.
+ * accepted for "deflate" too.  A gzip body may have several members, and
+ * the output is their concatenation.  Stops as soon as the output would
+ * exceed max bytes, so that the work done is bounded by max, not by the
+ * ratio.
  * On success *out comes from malloc() and is released with free().
  */
 int stories_inflate(stories_encoding_e encoding, const char *in, size_t len,

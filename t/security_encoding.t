@@ -1,10 +1,10 @@
 #!/usr/bin/perl
 
-# Endpoint mode: compressed bodies.  gzip, x-gzip and deflate (zlib or raw)
-# bodies are inflated and forwarded; a body that inflates past
-# stories_max_batch_size, a corrupt or truncated stream and an unknown
-# Content-Encoding are rejected with nothing forwarded, and the worker goes
-# on serving calls with its memory bounded.
+# Endpoint mode: compressed bodies.  gzip (one member or several), x-gzip
+# and deflate (zlib or raw) bodies are inflated and forwarded; a body that
+# inflates past stories_max_batch_size, a corrupt or truncated stream and
+# an unknown Content-Encoding are rejected with nothing forwarded, and the
+# worker goes on serving calls with its memory bounded.
 
 use strict;
 use warnings;
@@ -181,6 +181,12 @@ forwards_ok('gzip chunked', '/v1/track', gzip_bytes($TRACK),
     headers_with(['Content-Encoding', 'gzip']), $TRACK_STORIES,
     chunked => 7);
 
+# A gzip body of two members (RFC 1952, section 2.2) inflates to their
+# concatenation.  The split falls inside a JSON string.
+forwards_ok('gzip two members', '/v1/track',
+    gzip_bytes(substr($TRACK, 0, 20)) . gzip_bytes(substr($TRACK, 20)),
+    headers_with(['Content-Encoding', 'gzip']), $TRACK_STORIES);
+
 # A gzip body larger than client_body_buffer_size, read from a temporary
 # file.  The random event compresses poorly, so the body stays large.
 my $event = join '', map { chr(97 + int rand 26) } 1 .. 6000;
@@ -201,6 +207,11 @@ forwards_ok('gzip inflating to the limit', '/small/v1/batch',
     $TRACK_STORIES);
 rejected_ok('gzip inflating one past the limit', '/small/v1/batch',
     gzip_bytes($at_limit . ' '), headers_with(['Content-Encoding', 'gzip']),
+    413, "body inflates to more than stories_max_batch_size $BATCH_MAX bytes");
+rejected_ok('gzip members inflating one past the limit', '/small/v1/batch',
+    gzip_bytes(substr($at_limit, 0, 150)) . gzip_bytes(substr($at_limit, 150))
+        . gzip_bytes(' '),
+    headers_with(['Content-Encoding', 'gzip']),
     413, "body inflates to more than stories_max_batch_size $BATCH_MAX bytes");
 rejected_ok('deflate inflating one past the limit', '/small/v1/batch',
     zlib_bytes($at_limit . ' '),
@@ -250,6 +261,12 @@ rejected_ok('gzip truncated', '/v1/track', substr($gzip, 0, -6),
 rejected_ok('gzip header only', '/v1/track', substr($gzip, 0, 10),
     headers_with(['Content-Encoding', 'gzip']), 400, 'invalid gzip body');
 rejected_ok('gzip with trailing bytes', '/v1/track', $gzip . 'junk',
+    headers_with(['Content-Encoding', 'gzip']), 400, 'invalid gzip body');
+rejected_ok('gzip members with trailing zero bytes', '/v1/track',
+    $gzip . $gzip . ("\0" x 8),
+    headers_with(['Content-Encoding', 'gzip']), 400, 'invalid gzip body');
+rejected_ok('gzip second member truncated', '/v1/track',
+    $gzip . substr($gzip, 0, -6),
     headers_with(['Content-Encoding', 'gzip']), 400, 'invalid gzip body');
 rejected_ok('plain json as gzip', '/v1/track', $TRACK,
     headers_with(['Content-Encoding', 'gzip']), 400, 'invalid gzip body');

@@ -42,6 +42,13 @@ typedef struct {
 } encoding_case_t;
 
 
+/* Bytes built up by append_bytes(), in a malloc()ed buffer. */
+typedef struct {
+    char    *data;
+    size_t   len;
+} bytes_t;
+
+
 /* A compressed format: the encoding it is sent with and deflate's bits. */
 typedef struct {
     const char          *name;
@@ -58,6 +65,9 @@ static char *make_text(size_t len);
 static char *compress_bytes(int bits, const char *data, size_t len,
     size_t *out_len);
 static char *compress_zeros(int bits, size_t total, size_t *out_len);
+static void append_bytes(bytes_t *b, const char *data, size_t len);
+static void append_stream(bytes_t *b, int bits, const char *data,
+    size_t len);
 static int run_inflate(stories_encoding_e encoding, const char *in,
     size_t len, size_t max, char **out, size_t *out_len);
 static void expect_inflated(const char *name, stories_encoding_e encoding,
@@ -75,6 +85,10 @@ static void test_inflate_corrupt(void);
 static void test_inflate_truncated(void);
 static void test_inflate_trailing_data(void);
 static void test_inflate_empty(void);
+static void test_inflate_gzip_members(void);
+static void test_inflate_gzip_members_limit(void);
+static void test_inflate_gzip_members_corrupt(void);
+static void test_inflate_deflate_streams(void);
 
 
 static const format_t  formats[] = {
@@ -105,6 +119,10 @@ main(void)
     test_inflate_truncated();
     test_inflate_trailing_data();
     test_inflate_empty();
+    test_inflate_gzip_members();
+    test_inflate_gzip_members_limit();
+    test_inflate_gzip_members_corrupt();
+    test_inflate_deflate_streams();
 
     return tap_finish();
 }
@@ -322,6 +340,36 @@ compress_zeros(int bits, size_t total, size_t *out_len)
     deflateEnd(&zs);
 
     return out;
+}
+
+
+static void
+append_bytes(bytes_t *b, const char *data, size_t len)
+{
+    char  *p;
+
+    p = realloc(b->data, b->len + len + 1);
+    if (p == NULL) {
+        printf("Bail out! realloc() of %zu bytes failed\n", b->len + len);
+        exit(1);
+    }
+
+    b->data = p;
+    memcpy(b->data + b->len, data, len);
+    b->len += len;
+}
+
+
+/* Appends data compressed in the format that bits selects. */
+static void
+append_stream(bytes_t *b, int bits, const char *data, size_t len)
+{
+    char    *compressed;
+    size_t   compressed_len;
+
+    compressed = compress_bytes(bits, data, len, &compressed_len);
+    append_bytes(b, compressed, compressed_len);
+    free(compressed);
 }
 
 
@@ -856,5 +904,260 @@ test_inflate_empty(void)
                         compressed_len, 0, "", 0);
 
         free(compressed);
+    }
+}
+
+
+/*
+ * A gzip body may be a series of members (RFC 1952, section 2.2).  The
+ * output is the concatenation of the members' data.
+ */
+static void
+test_inflate_gzip_members(void)
+{
+    char     *text;
+    size_t    len, half, third;
+    bytes_t   body;
+
+    len = sizeof(json_body) - 1;
+
+    /* the split falls inside a JSON string */
+
+    half = 21;
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    expect_inflated("gzip two members", STORIES_ENCODING_GZIP, body.data,
+                    body.len, 512000, json_body, len);
+    free(body.data);
+
+    third = len / 3;
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, third);
+    append_stream(&body, GZIP_BITS, json_body + third, third);
+    append_stream(&body, GZIP_BITS, json_body + 2 * third, len - 2 * third);
+    expect_inflated("gzip three members", STORIES_ENCODING_GZIP, body.data,
+                    body.len, 512000, json_body, len);
+    free(body.data);
+
+    /* a member of no data adds nothing, wherever it is */
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, "", 0);
+    append_stream(&body, GZIP_BITS, json_body, half);
+    append_stream(&body, GZIP_BITS, "", 0);
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    append_stream(&body, GZIP_BITS, "", 0);
+    expect_inflated("gzip members with empty ones", STORIES_ENCODING_GZIP,
+                    body.data, body.len, 512000, json_body, len);
+    free(body.data);
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, "", 0);
+    append_stream(&body, GZIP_BITS, "", 0);
+    expect_inflated("gzip two empty members", STORIES_ENCODING_GZIP,
+                    body.data, body.len, 0, "", 0);
+    free(body.data);
+
+    /* members larger than the first output buffer, so it grows between them */
+
+    len = 60000;
+    text = make_text(len);
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, text, 20000);
+    append_stream(&body, GZIP_BITS, text + 20000, 20000);
+    append_stream(&body, GZIP_BITS, text + 40000, 20000);
+    expect_inflated("gzip three members of 20000 bytes",
+                    STORIES_ENCODING_GZIP, body.data, body.len, 512000,
+                    text, len);
+    free(body.data);
+
+    free(text);
+}
+
+
+/* The limit applies to the output of all members together. */
+static void
+test_inflate_gzip_members_limit(void)
+{
+    char     *text;
+    size_t    len;
+    bytes_t   body;
+
+    len = 60000;
+    text = make_text(len);
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, text, 20000);
+    append_stream(&body, GZIP_BITS, text + 20000, 20000);
+    append_stream(&body, GZIP_BITS, text + 40000, 20000);
+
+    expect_inflated("gzip members of 60000 bytes with max 60000",
+                    STORIES_ENCODING_GZIP, body.data, body.len, 60000,
+                    text, len);
+    expect_failure("gzip members of 60000 bytes with max 59999",
+                   STORIES_ENCODING_GZIP, body.data, body.len, 59999,
+                   STORIES_INFLATE_TOO_LARGE);
+
+    /* each member is under the limit, their sum is not */
+
+    expect_failure("gzip members of 60000 bytes with max 30000",
+                   STORIES_ENCODING_GZIP, body.data, body.len, 30000,
+                   STORIES_INFLATE_TOO_LARGE);
+    free(body.data);
+
+    /* the first member fills the limit, and the second adds one byte */
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, text, 100);
+    append_stream(&body, GZIP_BITS, text + 100, 1);
+    expect_failure("gzip members of 100 and 1 bytes with max 100",
+                   STORIES_ENCODING_GZIP, body.data, body.len, 100,
+                   STORIES_INFLATE_TOO_LARGE);
+    expect_inflated("gzip members of 100 and 1 bytes with max 101",
+                    STORIES_ENCODING_GZIP, body.data, body.len, 101,
+                    text, 101);
+    free(body.data);
+
+    /* an empty member after a member that fills the limit is accepted */
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, text, 100);
+    append_stream(&body, GZIP_BITS, "", 0);
+    expect_inflated("gzip members of 100 and 0 bytes with max 100",
+                    STORIES_ENCODING_GZIP, body.data, body.len, 100,
+                    text, 100);
+    free(body.data);
+
+    free(text);
+}
+
+
+static void
+test_inflate_gzip_members_corrupt(void)
+{
+    size_t    len, half, first_len;
+    bytes_t   body;
+
+    len = sizeof(json_body) - 1;
+    half = 21;
+
+    /* gzip's trailer is the CRC-32 of the output, then its length */
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    body.data[body.len - 8] ^= 0x01;
+    expect_failure("gzip second member with wrong crc",
+                   STORIES_ENCODING_GZIP, body.data, body.len, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(body.data);
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    first_len = body.len;
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    body.data[first_len] = 0x1e;
+    expect_failure("gzip second member with wrong magic",
+                   STORIES_ENCODING_GZIP, body.data, body.len, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(body.data);
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    first_len = body.len;
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    body.data[first_len - 8] ^= 0x01;
+    expect_failure("gzip first member with wrong crc",
+                   STORIES_ENCODING_GZIP, body.data, body.len, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(body.data);
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    expect_failure("gzip second member without its last byte",
+                   STORIES_ENCODING_GZIP, body.data, body.len - 1, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(body.data);
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    first_len = body.len;
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    expect_failure("gzip second member cut to its header",
+                   STORIES_ENCODING_GZIP, body.data, first_len + 10, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    expect_failure("gzip second member cut to 1 byte",
+                   STORIES_ENCODING_GZIP, body.data, first_len + 1, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(body.data);
+
+    /* bytes after the last member are not a member */
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    append_bytes(&body, "junk", 4);
+    expect_failure("gzip members with trailing bytes", STORIES_ENCODING_GZIP,
+                   body.data, body.len, 512000, STORIES_INFLATE_CORRUPT);
+    free(body.data);
+
+    /* zero bytes after the last member are rejected, unlike in gzip 1.12 */
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    append_stream(&body, GZIP_BITS, json_body + half, len - half);
+    append_bytes(&body, "\0\0\0\0\0\0\0\0", 8);
+    expect_failure("gzip members with 8 trailing zero bytes",
+                   STORIES_ENCODING_GZIP, body.data, body.len, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(body.data);
+
+    /* a zlib or raw deflate stream after a gzip member is not a member */
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    append_stream(&body, ZLIB_BITS, json_body + half, len - half);
+    expect_failure("gzip member then zlib stream", STORIES_ENCODING_GZIP,
+                   body.data, body.len, 512000, STORIES_INFLATE_CORRUPT);
+    free(body.data);
+
+    memset(&body, 0, sizeof(bytes_t));
+    append_stream(&body, GZIP_BITS, json_body, half);
+    append_stream(&body, RAW_BITS, json_body + half, len - half);
+    expect_failure("gzip member then raw deflate stream",
+                   STORIES_ENCODING_GZIP, body.data, body.len, 512000,
+                   STORIES_INFLATE_CORRUPT);
+    free(body.data);
+}
+
+
+/* Only gzip has members: a second zlib or raw deflate stream is corrupt. */
+static void
+test_inflate_deflate_streams(void)
+{
+    char     name[64];
+    size_t   i, len, half;
+    bytes_t  body;
+
+    len = sizeof(json_body) - 1;
+    half = 21;
+
+    for (i = 0; i < NFORMATS; i++) {
+        if (formats[i].encoding != STORIES_ENCODING_DEFLATE) {
+            continue;
+        }
+
+        memset(&body, 0, sizeof(bytes_t));
+        append_stream(&body, formats[i].bits, json_body, half);
+        append_stream(&body, formats[i].bits, json_body + half, len - half);
+
+        snprintf(name, sizeof(name), "%s two streams", formats[i].name);
+        expect_failure(name, formats[i].encoding, body.data, body.len,
+                       512000, STORIES_INFLATE_CORRUPT);
+
+        free(body.data);
     }
 }
