@@ -6,9 +6,11 @@
  * exact JSON that was to be sent.  The tool posts those bytes to the API
  * URL plus the line's "path" and retries transient failures.  Lines that were
  * not delivered are appended to FILE.failed.  FILE.progress stores the byte
- * offset after the last finished line, so a new run resumes there.
+ * offset after the last finished line, so a new run resumes there.  A run
+ * holds a lock on FILE.lock, so two runs on one file do not share them.
  */
 
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 
@@ -44,6 +46,7 @@
 #define REPLAY_EXIT_DELIVERED        0
 #define REPLAY_EXIT_FAILED           1
 #define REPLAY_EXIT_SETUP            2
+#define REPLAY_EXIT_LOCKED           3
 
 
 typedef enum {
@@ -169,8 +172,14 @@ replay_usage(FILE *out)
 "offset after the last finished line, so an interrupted run resumes there;\n"
 "a replaced or truncated file is replayed from the start.\n"
 "\n"
+"Before the first request, the tool takes an exclusive lock on\n"
+"DEADLETTER.lock, which it creates if needed and never removes, and keeps\n"
+"it to the end of the run.  When another process holds that lock, the\n"
+"tool exits at once with status 3 and sends nothing.\n"
+"\n"
 "Exit status: 0 when every line was delivered, 1 when some were not, 2 on\n"
-"a usage or setup error, 130 or 143 after SIGINT or SIGTERM.\n"
+"a usage or setup error, 3 when another run holds the lock of a file, 130\n"
+"or 143 after SIGINT or SIGTERM.\n"
 "\n"
 "Environment (meant for tests):\n"
 "  STORIES_REPLAY_BACKOFF_MS       first backoff in milliseconds (default %d)\n"
@@ -1863,26 +1872,150 @@ replay_check_files(replay_options_t *options)
 }
 
 
+/* Opens PATH.lock for the dead-letter file PATH, creating it if needed. */
+static int
+replay_open_lock(const char *path, const char *lock_path)
+{
+    int          fd;
+    struct stat  st;
+
+    if (stat(path, &st) != 0) {
+        fprintf(stderr, REPLAY_NAME ": cannot open %s: %s\n",
+                path, strerror(errno));
+        return -1;
+    }
+
+    fd = open(lock_path, O_RDONLY | O_CREAT | O_CLOEXEC, st.st_mode & 0666);
+
+    if (fd < 0) {
+        fprintf(stderr, REPLAY_NAME ": cannot open %s: %s\n",
+                lock_path, strerror(errno));
+    }
+
+    return fd;
+}
+
+
+/*
+ * Returns 1 when FD is the same lock file as one of the first N descriptors
+ * in FDS.  A file named twice, maybe spelled differently, has one lock
+ * file.  A flock() lock belongs to an open file description, and each
+ * open() makes a new one, so a second flock() on that file would fail.
+ */
+static int
+replay_lock_is_held(int fd, const int *fds, int n)
+{
+    int          i;
+    struct stat  st, other;
+
+    if (fstat(fd, &st) != 0) {
+        return 0;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (fds[i] >= 0 && fstat(fds[i], &other) == 0
+            && st.st_dev == other.st_dev && st.st_ino == other.st_ino)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/*
+ * Locks every dead-letter file before the first request, so that a second
+ * run on any of them sends nothing, and keeps the locks to the end of the
+ * run.  FILE.lock is locked rather than FILE itself, because FILE.progress,
+ * FILE.progress.tmp and FILE.failed are found by path.  After a rotation,
+ * a run on the new FILE and a run still on the old one would lock two
+ * inodes and share those files.  FILE.lock is never removed, because a run
+ * could then lock a new FILE.lock while another still holds the old one.
+ * Returns 0, or the exit status.
+ */
+static int
+replay_lock_files(replay_options_t *options, int *fds)
+{
+    int    i, status;
+    char  *lock_path;
+
+    for (i = 0; i < options->nfiles; i++) {
+        fds[i] = -1;
+    }
+
+    for (i = 0; i < options->nfiles; i++) {
+        lock_path = replay_concat(options->files[i], ".lock");
+        if (lock_path == NULL) {
+            return REPLAY_EXIT_SETUP;
+        }
+
+        fds[i] = replay_open_lock(options->files[i], lock_path);
+        status = (fds[i] < 0) ? REPLAY_EXIT_SETUP : 0;
+
+        if (status == 0 && replay_lock_is_held(fds[i], fds, i)) {
+            close(fds[i]);
+            fds[i] = -1;
+
+        } else if (status == 0 && flock(fds[i], LOCK_EX | LOCK_NB) != 0) {
+            if (errno == EWOULDBLOCK) {
+                fprintf(stderr, REPLAY_NAME ": %s is being replayed by "
+                        "another stories-replay process, which holds the "
+                        "lock on %s; run again after it ends\n",
+                        options->files[i], lock_path);
+                status = REPLAY_EXIT_LOCKED;
+
+            } else {
+                fprintf(stderr, REPLAY_NAME ": cannot lock %s: %s\n",
+                        lock_path, strerror(errno));
+                status = REPLAY_EXIT_SETUP;
+            }
+        }
+
+        free(lock_path);
+
+        if (status != 0) {
+            return status;
+        }
+    }
+
+    return 0;
+}
+
+
 /* Reads the key, sends every file and returns the exit status. */
 static int
 replay_main(replay_options_t *options)
 {
-    int    rc;
+    int    i, rc, *lock_fds;
     char  *auth_header;
 
     if (replay_read_env(options) != 0 || replay_check_files(options) != 0) {
         return REPLAY_EXIT_SETUP;
     }
 
+    lock_fds = malloc(options->nfiles * sizeof(int));
+    if (lock_fds == NULL) {
+        fprintf(stderr, REPLAY_NAME ": out of memory\n");
+        return REPLAY_EXIT_SETUP;
+    }
+
+    rc = replay_lock_files(options, lock_fds);
+    if (rc != 0) {
+        goto done;
+    }
+
+    rc = REPLAY_EXIT_SETUP;
+
     auth_header = replay_read_key(options->key_file);
     if (auth_header == NULL) {
-        return REPLAY_EXIT_SETUP;
+        goto done;
     }
 
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         fprintf(stderr, REPLAY_NAME ": cannot initialize libcurl\n");
         free(auth_header);
-        return REPLAY_EXIT_SETUP;
+        goto done;
     }
 
     replay_install_signals();
@@ -1891,6 +2024,16 @@ replay_main(replay_options_t *options)
 
     curl_global_cleanup();
     free(auth_header);
+
+done:
+
+    for (i = 0; i < options->nfiles; i++) {
+        if (lock_fds[i] >= 0) {
+            close(lock_fds[i]);
+        }
+    }
+
+    free(lock_fds);
 
     return rc;
 }

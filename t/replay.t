@@ -539,6 +539,55 @@ is($run->{exit}, 0, 'run after SIGTERM exits 0');
 check_resume('SIGTERM', $finished, \@first, [$t->stories_requests]);
 
 ############################################################################
+# Two runs on one file
+
+# The mock holds the answer to the first run's first request until the
+# test creates the release file, so the second run starts and ends while
+# the first holds the lock.
+my @locked = map { dead_letter(body => track_body($_), id => "m$_") } 1 .. 6;
+$file = dead_letter_file('locked.jsonl', @locked);
+unlink "$dir/locked.release";
+$t->clear_stories;
+$t->set_stories_rules({ hold => 'locked.release' });
+$bg = start_replay(api => $API, args => [$file]);
+$t->wait_for_stories(1, 10);
+my $second = replay(api => $API, args => [$file]);
+is(scalar $t->stories_requests, 1,
+    'second run sends nothing while the first waits');
+is($second->{exit}, 3, 'second run exits 3');
+is($second->{stderr}, "stories-replay: $file is being replayed by another "
+    . "stories-replay process, which holds the lock on $file.lock; "
+    . "run again after it ends\n",
+    'second run prints only the lock message');
+is($second->{stdout}, '', 'second run prints nothing on stdout');
+
+$t->write_file('locked.release', '');
+$run = finish_replay($bg);
+is($run->{exit}, 0, 'first run exits 0');
+is_deeply(count_bodies($t->stories_requests),
+    { map { (track_body($_) => 1) } 1 .. 6 },
+    'two runs deliver every line exactly once');
+ok(!-e "$file.failed", 'two runs write no .failed file');
+my ($lock_inode, $lock_offset) = progress($file);
+is($lock_offset, -s $file, 'first run records the end of the file');
+ok(-e "$file.lock", 'lock file stays after the run');
+
+# The lock ends with the first run.
+$t->set_stories_rules();
+$t->clear_stories;
+$run = replay(api => $API, args => [$file]);
+is($run->{exit}, 0, 'run after the first exits 0');
+is(scalar $t->stories_requests, 0, 'run after the first sends nothing');
+
+# One run may name a file twice, spelled differently: it holds the lock.
+$file = dead_letter_file('twice.jsonl', dead_letter(body => track_body(1)));
+$t->clear_stories;
+$run = replay(api => $API, args => [$file, "$dir/./twice.jsonl"]);
+is($run->{exit}, 0, 'file named twice exits 0');
+is_deeply([map { $_->{body} } $t->stories_requests], [track_body(1)],
+    'file named twice is sent once');
+
+############################################################################
 # Usage and setup errors
 
 $file = dead_letter_file('setup.jsonl', dead_letter(body => track_body(1)));
