@@ -43,6 +43,8 @@
 #define REPLAY_PROGRESS_INTERVAL_MS  100
 #define REPLAY_SLEEP_STEP_MS         100
 
+#define REPLAY_NOT_OBJECT            "not a JSON object"
+
 #define REPLAY_EXIT_DELIVERED        0
 #define REPLAY_EXIT_FAILED           1
 #define REPLAY_EXIT_SETUP            2
@@ -166,11 +168,18 @@ replay_usage(FILE *out)
 "fail at once.\n"
 "\n"
 "Lines that were not delivered, and lines that are not valid dead-letter\n"
-"lines, are appended to DEADLETTER.failed with a \"replay_status\" field in\n"
-"front: the last HTTP status, or 0 when none was received.  That file can\n"
-"be replayed in turn.  DEADLETTER.progress stores the inode and the byte\n"
-"offset after the last finished line, so an interrupted run resumes there;\n"
-"a replaced or truncated file is replayed from the start.\n"
+"lines, are appended to DEADLETTER.failed as JSON objects with a\n"
+"\"replay_status\" member in front: the last HTTP status, or 0 when none\n"
+"was received.  That member replaces any \"replay_status\" the line had,\n"
+"so that file can be replayed in turn.  A line that is not a JSON object\n"
+"is stored as\n"
+"  {\"replay_status\":STATUS,\"replay_error\":\"not a JSON object\",\"line\":LINE}\n"
+"with LINE as a JSON string, or with \"line_base64\" and the line in base64\n"
+"when it is not valid UTF-8.\n"
+"\n"
+"DEADLETTER.progress stores the inode and the byte offset after the last\n"
+"finished line, so an interrupted run resumes there; a replaced or\n"
+"truncated file is replayed from the start.\n"
 "\n"
 "Before the first request, the tool takes an exclusive lock on\n"
 "DEADLETTER.lock, which it creates if needed and never removes, and keeps\n"
@@ -1276,19 +1285,590 @@ replay_escape_json(char *out, const char *text, size_t len)
 }
 
 
+/* Returns the value of the 4 hex digits at P, or -1 when there are none. */
+static long
+replay_hex4(const char *p, const char *end)
+{
+    int   i;
+    long  value;
+    char  c;
+
+    if (end - p < 4) {
+        return -1;
+    }
+
+    value = 0;
+
+    for (i = 0; i < 4; i++) {
+        c = p[i];
+
+        if (c >= '0' && c <= '9') {
+            value = value * 16 + (c - '0');
+
+        } else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') {
+            value = value * 16 + ((c | 0x20) - 'a' + 10);
+
+        } else {
+            return -1;
+        }
+    }
+
+    return value;
+}
+
+
 /*
- * Builds the .failed line: {"replay_status":STATUS, followed by the line
- * after its first '{', so "body" stays last.  A line that does not start
- * with '{' is kept as the string field "line".
+ * Returns the length of the UTF-8 sequence at P, or 0 when the bytes are
+ * not well-formed UTF-8 (RFC 3629, section 4): overlong forms, surrogates
+ * and code points above U+10FFFF are rejected.
+ */
+static size_t
+replay_utf8_length(const char *p, const char *end)
+{
+    size_t          n, i;
+    unsigned char   c, min, max;
+
+    c = (unsigned char) p[0];
+
+    /* min and max bound the second byte */
+
+    if (c < 0x80) {
+        return 1;
+
+    } else if (c >= 0xc2 && c <= 0xdf) {
+        n = 2;
+        min = 0x80;
+        max = 0xbf;
+
+    } else if (c == 0xe0) {
+        n = 3;
+        min = 0xa0;
+        max = 0xbf;
+
+    } else if (c == 0xed) {
+        n = 3;
+        min = 0x80;
+        max = 0x9f;
+
+    } else if (c >= 0xe1 && c <= 0xef) {
+        n = 3;
+        min = 0x80;
+        max = 0xbf;
+
+    } else if (c == 0xf0) {
+        n = 4;
+        min = 0x90;
+        max = 0xbf;
+
+    } else if (c >= 0xf1 && c <= 0xf3) {
+        n = 4;
+        min = 0x80;
+        max = 0xbf;
+
+    } else if (c == 0xf4) {
+        n = 4;
+        min = 0x80;
+        max = 0x8f;
+
+    } else {
+        return 0;
+    }
+
+    if ((size_t) (end - p) < n) {
+        return 0;
+    }
+
+    c = (unsigned char) p[1];
+    if (c < min || c > max) {
+        return 0;
+    }
+
+    for (i = 2; i < n; i++) {
+        c = (unsigned char) p[i];
+        if (c < 0x80 || c > 0xbf) {
+            return 0;
+        }
+    }
+
+    return n;
+}
+
+
+static int
+replay_utf8_valid(const char *p, const char *end)
+{
+    size_t  n;
+
+    while (p < end) {
+        n = replay_utf8_length(p, end);
+        if (n == 0) {
+            return 0;
+        }
+        p += n;
+    }
+
+    return 1;
+}
+
+
+/*
+ * Returns the position after the JSON string whose opening quote is at P,
+ * or NULL when the string is invalid.  The grammar of RFC 8259 allows a \u
+ * escape of a lone surrogate, but it is invalid here, because strict
+ * parsers such as Perl's JSON::PP 4.07 reject it.
+ */
+static const char *
+replay_json_string(const char *p, const char *end)
+{
+    long            unit;
+    size_t          n;
+    unsigned char   c;
+
+    p++;
+
+    while (p < end) {
+        c = (unsigned char) *p;
+
+        if (c == '"') {
+            return p + 1;
+        }
+
+        if (c < 0x20) {
+            return NULL;
+        }
+
+        if (c != '\\') {
+            n = replay_utf8_length(p, end);
+            if (n == 0) {
+                return NULL;
+            }
+            p += n;
+            continue;
+        }
+
+        if (end - p < 2) {
+            return NULL;
+        }
+
+        c = (unsigned char) p[1];
+
+        if (c != 'u') {
+            if (c == '\0' || strchr("\"\\/bfnrt", c) == NULL) {
+                return NULL;
+            }
+            p += 2;
+            continue;
+        }
+
+        unit = replay_hex4(p + 2, end);
+        p += 6;
+
+        if (unit < 0 || (unit >= 0xdc00 && unit <= 0xdfff)) {
+            return NULL;
+        }
+
+        if (unit >= 0xd800 && unit <= 0xdbff) {
+            /* a high surrogate must be followed by a low one */
+
+            if (end - p < 2 || p[0] != '\\' || p[1] != 'u') {
+                return NULL;
+            }
+
+            unit = replay_hex4(p + 2, end);
+            p += 6;
+
+            if (unit < 0xdc00 || unit > 0xdfff) {
+                return NULL;
+            }
+        }
+    }
+
+    return NULL;
+}
+
+
+static const char *
+replay_skip_digits(const char *p, const char *end)
+{
+    while (p < end && *p >= '0' && *p <= '9') {
+        p++;
+    }
+
+    return p;
+}
+
+
+/* Returns the position after the JSON number at P, or NULL. */
+static const char *
+replay_json_number(const char *p, const char *end)
+{
+    const char  *digits;
+
+    if (p < end && *p == '-') {
+        p++;
+    }
+
+    if (p == end || *p < '0' || *p > '9') {
+        return NULL;
+    }
+
+    /* no leading zeros */
+
+    p = (*p == '0') ? p + 1 : replay_skip_digits(p, end);
+
+    if (p < end && *p == '.') {
+        digits = p + 1;
+        p = replay_skip_digits(digits, end);
+        if (p == digits) {
+            return NULL;
+        }
+    }
+
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) {
+            p++;
+        }
+
+        digits = p;
+        p = replay_skip_digits(digits, end);
+        if (p == digits) {
+            return NULL;
+        }
+    }
+
+    return p;
+}
+
+
+/* Returns the position after the JSON string, number or literal at P. */
+static const char *
+replay_json_scalar(const char *p, const char *end)
+{
+    size_t       i;
+    const char  *literal;
+
+    static const char  *literals[] = { "true", "false", "null", NULL };
+
+    if (p == end) {
+        return NULL;
+    }
+
+    if (*p == '"') {
+        return replay_json_string(p, end);
+    }
+
+    if (*p == '-' || (*p >= '0' && *p <= '9')) {
+        return replay_json_number(p, end);
+    }
+
+    for (i = 0; literals[i] != NULL; i++) {
+        literal = literals[i];
+
+        if ((size_t) (end - p) >= strlen(literal)
+            && memcmp(p, literal, strlen(literal)) == 0)
+        {
+            return p + strlen(literal);
+        }
+    }
+
+    return NULL;
+}
+
+
+/* Reads a member name and the ':' after it.  Returns the position after. */
+static const char *
+replay_json_name(const char *p, const char *end)
+{
+    p = replay_skip_space(p, end);
+
+    if (p == end || *p != '"') {
+        return NULL;
+    }
+
+    p = replay_json_string(p, end);
+    if (p == NULL) {
+        return NULL;
+    }
+
+    p = replay_skip_space(p, end);
+
+    if (p == end || *p != ':') {
+        return NULL;
+    }
+
+    return p + 1;
+}
+
+
+/*
+ * Checks that TEXT is one JSON object (RFC 8259) with optional whitespace
+ * around it, in UTF-8 and without lone surrogates.  Returns 1 and sets
+ * *object to its '{', 0 for other text, or -1 when memory runs out.
+ * Containers are tracked in a heap array instead of by recursion, so a
+ * deeply nested line cannot overflow the stack.
+ */
+static int
+replay_json_object(const char *text, size_t len, const char **object)
+{
+    int          rc, expect_value;
+    char        *open, close;
+    size_t       depth;
+    const char  *p, *end, *start;
+
+    end = text + len;
+    start = replay_skip_space(text, end);
+
+    if (start == end || *start != '{') {
+        return 0;
+    }
+
+    /* Each open container takes a byte of the text, so len bounds depth. */
+
+    open = malloc(len);
+    if (open == NULL) {
+        return -1;
+    }
+
+    depth = 0;
+    p = start;
+    expect_value = 1;
+    rc = 0;
+
+    for ( ;; ) {
+        p = replay_skip_space(p, end);
+
+        if (expect_value) {
+            if (p == end || (*p != '{' && *p != '[')) {
+                p = replay_json_scalar(p, end);
+                if (p == NULL) {
+                    break;
+                }
+                expect_value = 0;
+                continue;
+            }
+
+            open[depth++] = *p;
+            close = (*p == '{') ? '}' : ']';
+            p = replay_skip_space(p + 1, end);
+
+            if (p < end && *p == close) {
+                depth--;
+                p++;
+                expect_value = 0;
+
+            } else if (close == '}') {
+                p = replay_json_name(p, end);
+                if (p == NULL) {
+                    break;
+                }
+            }
+
+            continue;
+        }
+
+        if (depth == 0) {
+            rc = (p == end);
+            break;
+        }
+
+        if (p == end) {
+            break;
+        }
+
+        close = (open[depth - 1] == '{') ? '}' : ']';
+
+        if (*p == close) {
+            depth--;
+            p++;
+            continue;
+        }
+
+        if (*p != ',') {
+            break;
+        }
+
+        p++;
+        expect_value = 1;
+
+        if (close == '}') {
+            p = replay_json_name(p, end);
+            if (p == NULL) {
+                break;
+            }
+        }
+    }
+
+    free(open);
+
+    if (rc == 1) {
+        *object = start;
+    }
+
+    return rc;
+}
+
+
+/*
+ * Returns 1 when the JSON string from START to END, quotes included,
+ * decodes to the ASCII text NAME.  The string must be valid.
+ */
+static int
+replay_json_string_is(const char *start, const char *end, const char *name)
+{
+    long          c;
+    const char   *p;
+
+    for (p = start + 1; p < end - 1; /* void */ ) {
+        c = (unsigned char) *p++;
+
+        if (c == '\\') {
+            c = (unsigned char) *p++;
+
+            switch (c) {
+            case 'b':
+                c = '\b';
+                break;
+            case 'f':
+                c = '\f';
+                break;
+            case 'n':
+                c = '\n';
+                break;
+            case 'r':
+                c = '\r';
+                break;
+            case 't':
+                c = '\t';
+                break;
+            case 'u':
+                c = replay_hex4(p, end);
+                p += 4;
+                break;
+            }
+        }
+
+        if (*name == '\0' || c != (unsigned char) *name) {
+            return 0;
+        }
+
+        name++;
+    }
+
+    return *name == '\0';
+}
+
+
+/*
+ * Appends each member of the valid JSON object at OBJECT, after a comma,
+ * except those named "replay_status".  The members keep their bytes, but
+ * the whitespace between them is dropped.
+ */
+static char *
+replay_copy_members(char *out, const char *object, const char *end)
+{
+    const char  *p, *last, *name, *name_end, *value_end;
+
+    /* last is the object's closing brace */
+
+    last = end;
+    while (last[-1] != '}') {
+        last--;
+    }
+    last--;
+
+    p = replay_skip_space(object + 1, last);
+
+    while (p < last) {
+        name = p;
+        name_end = replay_skip_string(name, last);
+
+        p = replay_skip_space(name_end, last);
+        p = replay_skip_space(p + 1, last);
+        value_end = replay_skip_value(p, last);
+
+        if (!replay_json_string_is(name, name_end, "replay_status")) {
+            *out++ = ',';
+            memcpy(out, name, value_end - name);
+            out += value_end - name;
+        }
+
+        p = replay_skip_space(value_end, last);
+
+        if (p < last) {
+            /* the comma before the next member */
+            p = replay_skip_space(p + 1, last);
+        }
+    }
+
+    return out;
+}
+
+
+/* Appends DATA in standard base64 (RFC 4648), with padding. */
+static char *
+replay_base64(char *out, const char *data, size_t len)
+{
+    size_t          i;
+    uint32_t        group;
+    const uint8_t  *in;
+
+    static const char  alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    in = (const uint8_t *) data;
+
+    for (i = 0; i + 3 <= len; i += 3) {
+        group = (uint32_t) in[i] << 16 | (uint32_t) in[i + 1] << 8 | in[i + 2];
+        *out++ = alphabet[group >> 18];
+        *out++ = alphabet[(group >> 12) & 0x3f];
+        *out++ = alphabet[(group >> 6) & 0x3f];
+        *out++ = alphabet[group & 0x3f];
+    }
+
+    if (len - i == 1) {
+        group = (uint32_t) in[i] << 16;
+        *out++ = alphabet[group >> 18];
+        *out++ = alphabet[(group >> 12) & 0x3f];
+        *out++ = '=';
+        *out++ = '=';
+
+    } else if (len - i == 2) {
+        group = (uint32_t) in[i] << 16 | (uint32_t) in[i + 1] << 8;
+        *out++ = alphabet[group >> 18];
+        *out++ = alphabet[(group >> 12) & 0x3f];
+        *out++ = alphabet[(group >> 6) & 0x3f];
+        *out++ = '=';
+    }
+
+    return out;
+}
+
+
+/*
+ * Builds the .failed line, which is always a JSON object.  A line that is
+ * a JSON object gets "replay_status":STATUS as its first member, in place
+ * of any it had, and keeps the other members in order, so "body" stays
+ * last.  Any other line becomes
+ * {"replay_status":STATUS,"replay_error":"not a JSON object","line":LINE}
+ * with the line as a JSON string, or with "line_base64" in place of "line"
+ * when the line is not UTF-8.
  */
 static char *
 replay_failed_line(const char *text, size_t len, long status, size_t *size)
 {
-    int          n;
+    int          rc, n;
     char        *out, *p;
-    const char  *rest;
+    const char  *object;
 
-    out = malloc(len * 6 + 64);
+    rc = replay_json_object(text, len, &object);
+    if (rc < 0) {
+        return NULL;
+    }
+
+    /* an escaped byte takes at most 6 bytes, and base64 takes 4 for 3 */
+
+    out = malloc(len * 6 + 128);
     if (out == NULL) {
         return NULL;
     }
@@ -1296,20 +1876,22 @@ replay_failed_line(const char *text, size_t len, long status, size_t *size)
     n = sprintf(out, "{\"replay_status\":%ld", status);
     p = out + n;
 
-    if (len > 0 && text[0] == '{') {
-        rest = replay_skip_space(text + 1, text + len);
-        if (rest == text + len || *rest != '}') {
-            *p++ = ',';
-        }
-        memcpy(p, text + 1, len - 1);
-        p += len - 1;
+    if (rc == 1) {
+        p = replay_copy_members(p, object, text + len);
+
+    } else if (replay_utf8_valid(text, text + len)) {
+        n = sprintf(p, ",\"replay_error\":\"%s\",\"line\":",
+                    REPLAY_NOT_OBJECT);
+        p = replay_escape_json(p + n, text, len);
 
     } else {
-        memcpy(p, ",\"line\":", 8);
-        p = replay_escape_json(p + 8, text, len);
-        *p++ = '}';
+        n = sprintf(p, ",\"replay_error\":\"%s\",\"line_base64\":\"",
+                    REPLAY_NOT_OBJECT);
+        p = replay_base64(p + n, text, len);
+        *p++ = '"';
     }
 
+    *p++ = '}';
     *p++ = '\n';
     *size = p - out;
 

@@ -12,6 +12,7 @@ use lib "$FindBin::Bin/lib";
 
 use File::Spec;
 use JSON::PP;
+use MIME::Base64 qw(decode_base64);
 use POSIX qw(WNOHANG);
 use Test::More;
 use Time::HiRes qw(sleep time);
@@ -414,31 +415,144 @@ like($failed[0] || '', qr/^\{"replay_status":0,"time":/,
 ############################################################################
 # Invalid lines
 
+# Lines that are JSON objects keep their members after "replay_status".
 my @invalid = (
-    "not json\n",
     qq({"time":"t","status":500,"body":{"a":1}}\n),
     qq({"path":"v1/events/","body":{"a":1}}\n),
     qq({"path":"/v1/events/","status":500}\n),
     qq({"path":"/v1/events/","body":{"a":1},"status":500}\n),
-    qq({"path":"/v1/events/","body":{"a":1}\n),
 );
+
+# Other lines are kept as a JSON string in "line", or in base64 in
+# "line_base64" when they are not UTF-8.  Each case is the line without
+# its newline, then the .failed line's members after "replay_status".
+my $NOT_OBJECT = '"replay_error":"not a JSON object"';
+my @not_objects = (
+    ['not json', qq($NOT_OBJECT,"line":"not json")],
+    ['{', qq($NOT_OBJECT,"line":"{")],
+    ['[1,2]', qq($NOT_OBJECT,"line":"[1,2]")],
+    ['"text"', qq($NOT_OBJECT,"line":"\\"text\\"")],
+    [qq({"path":"/v1/events/","body":{"a":1}),
+        qq($NOT_OBJECT,"line":"{\\"path\\":\\"/v1/events/\\",)
+        . qq(\\"body\\":{\\"a\\":1}")],
+    [qq({"a":1} tail), qq($NOT_OBJECT,"line":"{\\"a\\":1} tail")],
+    [qq({"a":1,}), qq($NOT_OBJECT,"line":"{\\"a\\":1,}")],
+    [qq({"a":01}), qq($NOT_OBJECT,"line":"{\\"a\\":01}")],
+    [qq({"a":"\\ud800"}), qq($NOT_OBJECT,"line":"{\\"a\\":\\"\\\\ud800\\"}")],
+    [qq(say "hi" \\o/), qq($NOT_OBJECT,"line":"say \\"hi\\" \\\\o/")],
+    ["tab\there", qq($NOT_OBJECT,"line":"tab\\u0009here")],
+    ["caf\xc3\xa9 {", qq($NOT_OBJECT,"line":"caf\xc3\xa9 {")],
+    [qq({"a":"\xff"}), qq($NOT_OBJECT,"line_base64":"eyJhIjoi/yJ9")],
+    ["caf\xe9 \xc3", qq($NOT_OBJECT,"line_base64":"Y2Fm6SDD")],
+);
+
 $file = dead_letter_file('invalid.jsonl', @invalid,
+    (map { "$_->[0]\n" } @not_objects),
     dead_letter(body => track_body(1)));
 $t->clear_stories;
 $run = replay(api => $API, args => [$file]);
+my $invalid_count = @invalid + @not_objects;
 is($run->{exit}, 1, 'invalid lines exit 1');
-like($run->{stderr}, qr/^delivered 1, failed 6,/m, 'invalid lines summary');
+like($run->{stderr}, qr/^delivered 1, failed $invalid_count,/m,
+    'invalid lines summary');
 is_deeply([map { $_->{body} } $t->stories_requests], [track_body(1)],
     'invalid lines are not sent');
 @failed = failed_lines($file);
-is(scalar @failed, 6, 'invalid lines go to .failed');
-is($failed[0], qq({"replay_status":0,"line":"not json"}\n),
-    'line without "{" is kept as a string');
-for my $i (1 .. $#invalid) {
+is(scalar @failed, $invalid_count, 'invalid lines go to .failed');
+for my $i (0 .. $#invalid) {
     is($failed[$i], '{"replay_status":0,' . substr($invalid[$i], 1),
-        "invalid line $i keeps its bytes");
+        "invalid object $i keeps its bytes");
+}
+for my $i (0 .. $#not_objects) {
+    my ($line, $members) = @{ $not_objects[$i] };
+    my $failed_line = $failed[@invalid + $i];
+
+    is($failed_line, qq({"replay_status":0,$members}\n),
+        "non-object line $i exact bytes");
+
+    my $record = eval { JSON::PP->new->utf8->decode($failed_line // '') };
+    is(ref $record, 'HASH', "non-object line $i is a JSON object")
+        or diag($@);
+    $record ||= {};
+    is($record->{replay_status}, 0, "non-object line $i replay_status");
+    is($record->{replay_error}, 'not a JSON object',
+        "non-object line $i replay_error");
+
+    my $kept = exists $record->{line_base64}
+        ? decode_base64($record->{line_base64})
+        : $record->{line};
+    utf8::encode($kept) if defined $kept && !exists $record->{line_base64};
+    is($kept, $line, "non-object line $i keeps the line");
 }
 like($run->{stderr}, qr/missing "path"/, 'missing path is logged');
+
+############################################################################
+# Replaying a .failed file
+
+# "replay_status" gets the new value in place of the old one, wherever the
+# member is and however its name is escaped.
+my $REFAILED_BODY = ',"path":"/v1/events/","body":' . track_body(1) . '}';
+my @refailed = (
+    ['{"replay_status":400' . $REFAILED_BODY,
+        '{"replay_status":503' . $REFAILED_BODY],
+    ['{"time":"t","replay_status":400' . $REFAILED_BODY,
+        '{"replay_status":503,"time":"t"' . $REFAILED_BODY],
+    ['{"replay\\u005fstatus":400' . $REFAILED_BODY,
+        '{"replay_status":503' . $REFAILED_BODY],
+    ['{"replay_status":400,"replay_status":500' . $REFAILED_BODY,
+        '{"replay_status":503' . $REFAILED_BODY],
+    # "Replay_status" is another name, because names are case-sensitive.
+    ['{"Replay_status":400' . $REFAILED_BODY,
+        '{"replay_status":503,"Replay_status":400' . $REFAILED_BODY],
+    # An invalid line is not sent, so its status stays 0.
+    [qq({"replay_status":9,$NOT_OBJECT,"line":"{"}),
+        qq({"replay_status":0,$NOT_OBJECT,"line":"{"})],
+);
+$file = dead_letter_file('refailed.jsonl', map { "$_->[0]\n" } @refailed);
+$t->clear_stories;
+$t->set_stories_rules({ status => 503 });
+$run = replay(api => $API, args => ['--max-attempts', 1, $file]);
+$t->set_stories_rules();
+is($run->{exit}, 1, '.failed lines failing again exit 1');
+is(scalar $t->stories_requests, @refailed - 1,
+    '.failed lines are sent again');
+@failed = failed_lines($file);
+is(scalar @failed, scalar @refailed, '.failed lines fail again');
+for my $i (0 .. $#refailed) {
+    my $failed_line = $failed[$i] // '';
+    is($failed_line, "$refailed[$i][1]\n", "refailed line $i exact bytes");
+
+    my @statuses = $failed_line =~ /"replay_status"/g;
+    is(scalar @statuses, 1, "refailed line $i has one replay_status");
+
+    my $record = eval { decode_json($failed_line) };
+    is(ref $record, 'HASH', "refailed line $i is a JSON object") or diag($@);
+}
+
+# A line that fails, then fails again from the .failed file, keeps its
+# original members and only its replay_status changes.
+my $chain_line = dead_letter(body => track_body(2), id => 'm-chain');
+$file = dead_letter_file('chain.jsonl', $chain_line);
+unlink "$file.failed.failed", "$file.failed.progress";
+$t->clear_stories;
+$t->set_stories_rules({ status => 400 });
+$run = replay(api => $API, args => [$file]);
+is($run->{exit}, 1, 'chain first run exits 1');
+$t->set_stories_rules({ status => 503 });
+$run = replay(api => $API, args => ['--max-attempts', 1, "$file.failed"]);
+$t->set_stories_rules();
+is($run->{exit}, 1, 'chain second run exits 1');
+
+# failed_lines() adds ".failed" to the path it is given.
+is_deeply([failed_lines($file)],
+    ['{"replay_status":400,' . substr($chain_line, 1)],
+    'chain first .failed line');
+@failed = failed_lines("$file.failed");
+is_deeply(\@failed, ['{"replay_status":503,' . substr($chain_line, 1)],
+    'chain second .failed line replaces replay_status');
+$record = eval { decode_json($failed[0] // '') } || {};
+is($record->{replay_status}, 503, 'chain second .failed line is JSON');
+is($record->{messageId}, 'm-chain', 'chain second .failed keeps messageId');
 
 # A last line without a newline may still be being written.
 $file = dead_letter_file('partial.jsonl', dead_letter(body => track_body(1)),
