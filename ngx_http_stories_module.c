@@ -312,10 +312,6 @@ ngx_http_stories_send_copy(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
 
     ngx_http_stories_start(dctx);
 
-    /* subrequests of the detached request are posted to it alone */
-
-    ngx_http_run_posted_requests(dctx->request->connection);
-
     /* when none could start, no subrequest is left to free it */
 
     if (dctx->finished == dctx->result.nrequests
@@ -466,8 +462,8 @@ ngx_http_stories_endpoint_body_handler(ngx_http_request_t *r)
 
 
 /*
- * Runs as the main request's write handler: the post-subrequest handler
- * posts the main request each time a Stories request ends.
+ * Sends the endpoint's response.  It runs as the request's write handler,
+ * on the write event that the last Stories request to end posts.
  */
 
 static void

@@ -49,12 +49,14 @@ typedef struct {
 } ngx_http_stories_loc_conf_t;
 
 
-typedef struct ngx_http_stories_ctx_s  ngx_http_stories_ctx_t;
+typedef struct ngx_http_stories_ctx_s      ngx_http_stories_ctx_t;
+typedef struct ngx_http_stories_carrier_s  ngx_http_stories_carrier_t;
 
 
 /* One Stories request and what became of it. */
 typedef struct {
     ngx_http_stories_ctx_t      *ctx;
+    ngx_http_stories_carrier_t  *carrier;
     stories_request_t           *request;
     ngx_uint_t                   status;
     ngx_str_t                    retry_after;
@@ -76,6 +78,7 @@ struct ngx_http_stories_ctx_s {
     ngx_uint_t                    started;
     ngx_uint_t                    finished;
     ngx_uint_t                    active;
+    ngx_uint_t                    units;
     ngx_int_t                     phase_rc;
     ngx_event_t                   free_event;
     ngx_queue_t                   queue;

@@ -3,8 +3,9 @@
  * Copyright (C) The ngx_http_stories_module authors
  *
  * Stories requests as subrequests: starting them, reading their outcome,
- * keeping failures in the dead-letter file, and the detached request that
- * carries them in front of an existing endpoint.
+ * keeping failures in the dead-letter file, the carrier request that each
+ * one runs under, and the detached request that keeps a call in front of
+ * an existing endpoint.
  */
 
 
@@ -15,16 +16,53 @@
 #include "ngx_http_stories.h"
 
 
+/*
+ * A request of the module's own, on a connection without a socket, that is
+ * the parent of one Stories subrequest.  nginx allocates a subrequest and
+ * its proxy buffers from the parent's pool, and frees them only with that
+ * pool.  So each Stories request gets a parent that is freed as soon as it
+ * ends, and a batch of thousands of messages uses the memory of at most
+ * stories_concurrency subrequests at a time.
+ */
+
+struct ngx_http_stories_carrier_s {
+    ngx_http_request_t           *request;
+    ngx_http_request_t           *subrequest;
+
+    /* the call's delivery, or NULL once the call's request has ended */
+    ngx_http_stories_delivery_t  *delivery;
+
+    ngx_http_stories_loc_conf_t  *conf;
+
+    /* the Stories request and its outcome, on the carrier's own pool */
+    stories_request_t             copy;
+    ngx_http_stories_delivery_t   own;
+
+    ngx_event_t                   run_event;
+    ngx_event_t                   free_event;
+    ngx_queue_t                   queue;
+    unsigned                      done:1;
+};
+
+
 static void ngx_http_stories_finish(ngx_http_stories_ctx_t *ctx,
     ngx_http_stories_delivery_t *d);
 static void ngx_http_stories_abandon(ngx_http_stories_ctx_t *ctx,
     const char *reason);
+static void ngx_http_stories_abandon_one(ngx_http_stories_loc_conf_t *conf,
+    ngx_log_t *log, ngx_http_stories_delivery_t *d, const char *reason);
+static ngx_http_stories_carrier_t *ngx_http_stories_carrier(
+    ngx_http_stories_ctx_t *ctx, ngx_http_stories_delivery_t *d);
+static void ngx_http_stories_carrier_run(ngx_event_t *ev);
+static void ngx_http_stories_carrier_free(ngx_event_t *ev);
+static void ngx_http_stories_carrier_close(
+    ngx_http_stories_carrier_t *carrier);
 static ngx_connection_t *ngx_http_stories_fake_connection(
     ngx_http_request_t *r, ngx_pool_t *pool);
 static ngx_http_request_t *ngx_http_stories_fake_request(
     ngx_http_request_t *r, ngx_connection_t *c);
-static ngx_int_t ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
-    ngx_http_stories_delivery_t *d);
+static ngx_int_t ngx_http_stories_subrequest(
+    ngx_http_stories_carrier_t *carrier);
 static ngx_int_t ngx_http_stories_set_headers(ngx_http_request_t *sr,
     ngx_http_stories_loc_conf_t *slcf, size_t len);
 static ngx_int_t ngx_http_stories_done(ngx_http_request_t *sr, void *data,
@@ -33,8 +71,8 @@ static void ngx_http_stories_classify(ngx_http_request_t *sr,
     ngx_http_stories_delivery_t *d, ngx_int_t rc);
 static void ngx_http_stories_log_failure(ngx_log_t *log,
     ngx_http_stories_delivery_t *d);
-static ngx_int_t ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
-    ngx_http_stories_delivery_t *d, const char *error);
+static ngx_int_t ngx_http_stories_keep(ngx_http_stories_loc_conf_t *conf,
+    ngx_log_t *log, ngx_http_stories_delivery_t *d, const char *error);
 
 
 static ngx_str_t  ngx_http_stories_post = ngx_string("POST");
@@ -48,18 +86,23 @@ static ngx_str_t  ngx_http_stories_post = ngx_string("POST");
 static ngx_queue_t  ngx_http_stories_pending;
 
 /*
- * The number of unfinished Stories requests of detached calls in this
- * worker, compared with stories_max_pending.
+ * The carriers whose call's request has ended, for the same reason: they
+ * log and keep their own outcome.
+ */
+static ngx_queue_t  ngx_http_stories_orphans;
+
+/*
+ * The Stories requests that detached calls in this worker may run at once,
+ * compared with stories_max_pending.
  */
 static ngx_uint_t   ngx_http_stories_npending;
 
 
 /*
  * Creates a request of the module's own, on a connection without a
- * socket, to be the parent of the Stories subrequests in front of an
- * existing endpoint.  The client's request then ends, and frees its
- * keepalive connection, without waiting for Stories, and a client that
- * goes away does not cancel the delivery.
+ * socket, to keep a call in front of an existing endpoint.  The client's
+ * request then ends, and frees its keepalive connection, without waiting
+ * for Stories, and a client that goes away does not cancel the delivery.
  *
  * Their clients never wait for them, so ngx_http_stories_admit() caps
  * their Stories requests in a worker.
@@ -297,22 +340,29 @@ ngx_http_stories_detached_free(ngx_event_t *ev)
 
 
 /*
- * Admits a detached call while the worker has fewer than stories_max_pending
- * unfinished Stories requests, so that a slow Stories cannot use up memory
- * and worker_connections.  A call is admitted whole, even a batch past the
- * limit.  A call that is not admitted has each request logged and written
- * to the dead-letter file, and the caller frees it.
+ * Admits a detached call while the Stories requests that the worker's
+ * detached calls may run at once are fewer than stories_max_pending, so
+ * that a slow Stories cannot use up worker_connections.  A call counts as
+ * many as it may run at once: its requests, up to stories_concurrency.  A
+ * call that is not admitted has each request logged and written to the
+ * dead-letter file, and the caller frees it.
  */
 
 ngx_int_t
 ngx_http_stories_admit(ngx_http_stories_ctx_t *ctx)
 {
+    ngx_uint_t  units;
+
     if (ngx_http_stories_npending >= (ngx_uint_t) ctx->conf->max_pending) {
         ngx_http_stories_abandon(ctx, "stories_max_pending reached");
         return NGX_DECLINED;
     }
 
-    ngx_http_stories_npending += ctx->result.nrequests;
+    units = ngx_min(ctx->result.nrequests,
+                    (ngx_uint_t) ctx->conf->concurrency);
+
+    ngx_http_stories_npending += units;
+    ctx->units = units;
     ctx->counted = 1;
 
     return NGX_OK;
@@ -324,6 +374,8 @@ ngx_http_stories_admit(ngx_http_stories_ctx_t *ctx)
 void
 ngx_http_stories_start(ngx_http_stories_ctx_t *ctx)
 {
+    ngx_log_t                    *log;
+    ngx_http_stories_carrier_t   *carrier;
     ngx_http_stories_delivery_t  *d;
 
     if (!ctx->queued && ctx->finished < ctx->result.nrequests) {
@@ -337,25 +389,152 @@ ngx_http_stories_start(ngx_http_stories_ctx_t *ctx)
         d = &ctx->deliveries[ctx->started++];
         d->started = 1;
 
-        if (ngx_http_stories_subrequest(ctx, d) == NGX_OK) {
-            ctx->active++;
-            continue;
+        carrier = ngx_http_stories_carrier(ctx, d);
+
+        if (carrier != NULL) {
+            if (ngx_http_stories_subrequest(carrier) == NGX_OK) {
+                d->carrier = carrier;
+                ctx->active++;
+
+                /* run from the event loop, not from inside this call */
+
+                ngx_post_event(&carrier->run_event, &ngx_posted_events);
+                continue;
+            }
+
+            ngx_http_free_request(carrier->request, 0);
         }
 
         d->outcome = NGX_HTTP_STORIES_INTERNAL;
         ngx_http_stories_finish(ctx, d);
 
-        ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
+        log = ctx->request->connection->log;
+
+        ngx_log_error(NGX_LOG_ERR, log, 0,
                       "stories: failed to start the request to \"%s\" "
                       "for a %s call",
                       d->request->path, stories_call_name(d->request->type));
 
         if (ctx->conf->dead_letter != NULL
-            && ngx_http_stories_keep(ctx, d, NULL) == NGX_OK)
+            && ngx_http_stories_keep(ctx->conf, log, d, NULL) == NGX_OK)
         {
             d->kept = 1;
         }
     }
+}
+
+
+/*
+ * Creates the carrier of one Stories request, with a copy of the request
+ * on the carrier's pool, so that it can still be sent, logged and kept
+ * after the call's request has ended.
+ */
+
+static ngx_http_stories_carrier_t *
+ngx_http_stories_carrier(ngx_http_stories_ctx_t *ctx,
+    ngx_http_stories_delivery_t *d)
+{
+    size_t                       len;
+    ngx_pool_t                  *pool;
+    ngx_connection_t            *c;
+    ngx_http_request_t          *cr;
+    stories_request_t           *request;
+    ngx_http_stories_carrier_t  *carrier;
+
+    pool = ngx_create_pool(NGX_DEFAULT_POOL_SIZE,
+                           ctx->request->connection->log);
+    if (pool == NULL) {
+        return NULL;
+    }
+
+    c = ngx_http_stories_fake_connection(ctx->request, pool);
+    if (c == NULL) {
+        goto failed;
+    }
+
+    pool->log = c->log;
+
+    cr = ngx_http_stories_fake_request(ctx->request, c);
+    if (cr == NULL) {
+        goto failed;
+    }
+
+    carrier = ngx_pcalloc(pool, sizeof(ngx_http_stories_carrier_t));
+    if (carrier == NULL) {
+        goto failed;
+    }
+
+    request = d->request;
+
+    carrier->copy = *request;
+    carrier->copy.body = ngx_pnalloc(pool, request->body_len);
+
+    if (carrier->copy.body == NULL) {
+        goto failed;
+    }
+
+    ngx_memcpy(carrier->copy.body, request->body, request->body_len);
+
+    if (request->message_id != NULL) {
+        len = ngx_strlen(request->message_id) + 1;
+
+        carrier->copy.message_id = ngx_pnalloc(pool, len);
+        if (carrier->copy.message_id == NULL) {
+            goto failed;
+        }
+
+        ngx_memcpy(carrier->copy.message_id, request->message_id, len);
+    }
+
+    carrier->request = cr;
+    carrier->delivery = d;
+    carrier->conf = ctx->conf;
+    carrier->own.request = &carrier->copy;
+    carrier->own.subrequest = 1;
+
+    carrier->run_event.handler = ngx_http_stories_carrier_run;
+    carrier->run_event.data = carrier;
+    carrier->run_event.log = c->log;
+
+    carrier->free_event.handler = ngx_http_stories_carrier_free;
+    carrier->free_event.data = carrier;
+    carrier->free_event.log = c->log;
+
+    return carrier;
+
+failed:
+
+    ngx_destroy_pool(pool);
+    return NULL;
+}
+
+
+static void
+ngx_http_stories_carrier_run(ngx_event_t *ev)
+{
+    ngx_http_stories_carrier_t  *carrier = ev->data;
+
+    ngx_http_run_posted_requests(carrier->request->connection);
+}
+
+
+/*
+ * Frees a carrier once its subrequest has ended.  It runs as a posted
+ * event, after the subrequest's own finalization has let go of it.
+ */
+
+static void
+ngx_http_stories_carrier_free(ngx_event_t *ev)
+{
+    ngx_http_stories_carrier_t  *carrier = ev->data;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ev->log, 0, "stories carrier free");
+
+    if (carrier->run_event.posted) {
+        ngx_delete_posted_event(&carrier->run_event);
+    }
+
+    ngx_http_free_request(carrier->request, 0);
 }
 
 
@@ -365,25 +544,22 @@ ngx_http_stories_finish(ngx_http_stories_ctx_t *ctx,
 {
     d->done = 1;
     ctx->finished++;
-
-    if (ctx->counted) {
-        ngx_http_stories_npending--;
-    }
 }
 
 
 static ngx_int_t
-ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
-    ngx_http_stories_delivery_t *d)
+ngx_http_stories_subrequest(ngx_http_stories_carrier_t *carrier)
 {
     ngx_buf_t                    *b;
     ngx_str_t                    *uri;
     ngx_chain_t                  *cl;
+    stories_request_t            *request;
     ngx_http_request_t           *r, *sr;
     ngx_http_request_body_t      *rb;
     ngx_http_post_subrequest_t   *ps;
 
-    r = ctx->request;
+    r = carrier->request;
+    request = &carrier->copy;
 
     ps = ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t));
     if (ps == NULL) {
@@ -391,10 +567,10 @@ ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
     }
 
     ps->handler = ngx_http_stories_done;
-    ps->data = d;
+    ps->data = carrier;
 
-    uri = ngx_strcmp(d->request->path, STORIES_EVENTS_PATH) == 0
-          ? &ctx->conf->events_uri : &ctx->conf->users_uri;
+    uri = ngx_strcmp(request->path, STORIES_EVENTS_PATH) == 0
+          ? &carrier->conf->events_uri : &carrier->conf->users_uri;
 
     /*
      * Background subrequests run in parallel.  Their response bodies are
@@ -409,8 +585,8 @@ ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
         return NGX_ERROR;
     }
 
-    ngx_http_set_ctx(sr, d, ngx_http_stories_module);
-    d->subrequest = 1;
+    ngx_http_set_ctx(sr, &carrier->own, ngx_http_stories_module);
+    carrier->subrequest = sr;
 
     sr->method = NGX_HTTP_POST;
     sr->method_name = ngx_http_stories_post;
@@ -427,9 +603,9 @@ ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
 
     /* start is set too: the upstream rewinds to it when it retries */
 
-    b->start = (u_char *) d->request->body;
+    b->start = (u_char *) request->body;
     b->pos = b->start;
-    b->last = b->start + d->request->body_len;
+    b->last = b->start + request->body_len;
     b->end = b->last;
     b->memory = 1;
     b->last_buf = 1;
@@ -446,7 +622,8 @@ ngx_http_stories_subrequest(ngx_http_stories_ctx_t *ctx,
     rb->bufs = cl;
     sr->request_body = rb;
 
-    return ngx_http_stories_set_headers(sr, ctx->conf, d->request->body_len);
+    return ngx_http_stories_set_headers(sr, carrier->conf,
+                                        request->body_len);
 }
 
 
@@ -502,63 +679,93 @@ ngx_http_stories_set_headers(ngx_http_request_t *sr,
 
 
 /*
- * The post-subrequest handler.  It returns NGX_OK whatever rc is: an
- * NGX_ERROR here would terminate the client's request together with
- * every other Stories request still running.
+ * The post-subrequest handler.  It returns NGX_OK whatever rc is, and
+ * hands the outcome to the call unless the call's request has ended.
  */
 
 static ngx_int_t
 ngx_http_stories_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
 {
-    ngx_http_stories_delivery_t  *d = data;
+    ngx_http_stories_carrier_t  *carrier = data;
 
-    ngx_http_stories_ctx_t  *ctx;
+    ngx_log_t                    *log;
+    ngx_http_stories_ctx_t       *ctx;
+    ngx_http_stories_delivery_t  *d, *own;
 
-    if (d->done) {
+    if (carrier->done) {
+        return NGX_OK;
+    }
+
+    carrier->done = 1;
+    own = &carrier->own;
+    log = sr->connection->log;
+
+    ngx_http_stories_classify(sr, own, rc);
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, log, 0,
+                   "stories request done rc:%i s:%ui outcome:%d",
+                   rc, own->status, own->outcome);
+
+    ngx_post_event(&carrier->free_event, &ngx_posted_events);
+
+    if (own->outcome != NGX_HTTP_STORIES_OK) {
+        ngx_http_stories_log_failure(log, own);
+
+        if (carrier->conf->dead_letter != NULL
+            && ngx_http_stories_keep(carrier->conf, log, own, NULL) == NGX_OK)
+        {
+            own->kept = 1;
+        }
+    }
+
+    d = carrier->delivery;
+
+    if (d == NULL) {
+        ngx_queue_remove(&carrier->queue);
         return NGX_OK;
     }
 
     ctx = d->ctx;
 
+    d->carrier = NULL;
+    d->status = own->status;
+    d->outcome = own->outcome;
+    d->kept = own->kept;
+
+    /* the carrier's pool goes away before the client's response is sent */
+
+    if (own->retry_after.len != 0) {
+        d->retry_after.data = ngx_pstrdup(ctx->request->pool,
+                                          &own->retry_after);
+        d->retry_after.len = d->retry_after.data != NULL
+                             ? own->retry_after.len : 0;
+    }
+
     ngx_http_stories_finish(ctx, d);
     ctx->active--;
 
-    ngx_http_stories_classify(sr, d, rc);
-
-    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, sr->connection->log, 0,
-                   "stories request done rc:%i s:%ui outcome:%d",
-                   rc, d->status, d->outcome);
-
-    if (d->outcome != NGX_HTTP_STORIES_OK) {
-        ngx_http_stories_log_failure(sr->connection->log, d);
-
-        if (ctx->conf->dead_letter != NULL
-            && ngx_http_stories_keep(ctx, d, NULL) == NGX_OK)
-        {
-            d->kept = 1;
-        }
-    }
-
     ngx_http_stories_start(ctx);
 
-    if (ctx->queued && ctx->finished == ctx->result.nrequests) {
+    if (ctx->finished < ctx->result.nrequests) {
+        return NGX_OK;
+    }
+
+    if (ctx->queued) {
         ngx_queue_remove(&ctx->queue);
         ctx->queued = 0;
     }
 
     if (ctx->detached) {
-        if (ctx->finished == ctx->result.nrequests
-            && !ctx->free_event.posted)
-        {
+        if (!ctx->free_event.posted) {
             ngx_post_event(&ctx->free_event, &ngx_posted_events);
         }
 
         return NGX_OK;
     }
 
-    if (!ctx->front && ngx_http_post_request(ctx->request, NULL) != NGX_OK) {
-        return NGX_ERROR;
-    }
+    /* the endpoint's request waits in ngx_http_stories_endpoint_wake() */
+
+    ngx_post_event(ctx->request->connection->write, &ngx_posted_events);
 
     return NGX_OK;
 }
@@ -723,14 +930,13 @@ ngx_http_stories_log_failure(ngx_log_t *log, ngx_http_stories_delivery_t *d)
  */
 
 static ngx_int_t
-ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
+ngx_http_stories_keep(ngx_http_stories_loc_conf_t *conf, ngx_log_t *log,
     ngx_http_stories_delivery_t *d, const char *error)
 {
     u_char             *line, *p;
     size_t              len;
     ssize_t             n;
     ngx_tm_t            tm;
-    ngx_log_t          *log;
     ngx_open_file_t    *file;
     stories_request_t  *request;
 
@@ -745,9 +951,8 @@ ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
         "failed before reaching Stories"
     };
 
-    file = ctx->conf->dead_letter;
+    file = conf->dead_letter;
     request = d->request;
-    log = ctx->request->connection->log;
 
     if (error == NULL) {
         error = errors[d->outcome];
@@ -809,8 +1014,9 @@ ngx_http_stories_keep(ngx_http_stories_ctx_t *ctx,
 
 /*
  * Frees the translation.  A Stories request that never finished means
- * that nginx ended the client's request early, for example on a lost
- * client connection or at the end of worker_shutdown_timeout.
+ * that nginx ended the call's request early, for example on a lost HTTP/2
+ * stream or at the end of worker_shutdown_timeout.  A request that is
+ * running goes on in its carrier, which then logs and keeps its outcome.
  */
 
 void
@@ -818,14 +1024,33 @@ ngx_http_stories_cleanup(void *data)
 {
     ngx_http_stories_ctx_t  *ctx = data;
 
+    ngx_uint_t                    i;
+    ngx_http_stories_carrier_t   *carrier;
+    ngx_http_stories_delivery_t  *d;
+
     if (ctx->counted) {
-        ngx_http_stories_npending -= ctx->result.nrequests - ctx->finished;
+        ngx_http_stories_npending -= ctx->units;
         ctx->counted = 0;
     }
 
     if (ctx->queued) {
         ngx_queue_remove(&ctx->queue);
         ctx->queued = 0;
+
+        for (i = 0; i < ctx->result.nrequests; i++) {
+            d = &ctx->deliveries[i];
+            carrier = d->carrier;
+
+            if (d->done || carrier == NULL) {
+                continue;
+            }
+
+            carrier->delivery = NULL;
+            ngx_queue_insert_tail(&ngx_http_stories_orphans, &carrier->queue);
+
+            d->carrier = NULL;
+            d->done = 1;
+        }
 
         ngx_http_stories_abandon(ctx, "the client request ended first");
     }
@@ -848,23 +1073,33 @@ ngx_http_stories_abandon(ngx_http_stories_ctx_t *ctx, const char *reason)
     for (i = 0; i < ctx->result.nrequests; i++) {
         d = &ctx->deliveries[i];
 
-        if (d->done) {
-            continue;
+        if (!d->done) {
+            ngx_http_stories_abandon_one(ctx->conf,
+                                         ctx->request->connection->log,
+                                         d, reason);
         }
+    }
+}
 
-        ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
-                      "stories request to \"%s\" was not delivered: %s, "
-                      "%s call, messageId %s%s%s",
-                      d->request->path, reason,
-                      stories_call_name(d->request->type),
-                      d->request->message_id ? "\"" : "",
-                      d->request->message_id ? d->request->message_id
-                                             : "none",
-                      d->request->message_id ? "\"" : "");
 
-        if (ctx->conf->dead_letter != NULL) {
-            (void) ngx_http_stories_keep(ctx, d, reason);
-        }
+static void
+ngx_http_stories_abandon_one(ngx_http_stories_loc_conf_t *conf,
+    ngx_log_t *log, ngx_http_stories_delivery_t *d, const char *reason)
+{
+    stories_request_t  *request;
+
+    request = d->request;
+
+    ngx_log_error(NGX_LOG_ERR, log, 0,
+                  "stories request to \"%s\" was not delivered: %s, "
+                  "%s call, messageId %s%s%s",
+                  request->path, reason, stories_call_name(request->type),
+                  request->message_id ? "\"" : "",
+                  request->message_id ? request->message_id : "none",
+                  request->message_id ? "\"" : "");
+
+    if (conf->dead_letter != NULL) {
+        (void) ngx_http_stories_keep(conf, log, d, reason);
     }
 }
 
@@ -873,15 +1108,25 @@ void
 ngx_http_stories_init_pending(void)
 {
     ngx_queue_init(&ngx_http_stories_pending);
+    ngx_queue_init(&ngx_http_stories_orphans);
     ngx_http_stories_npending = 0;
 }
 
 
+/*
+ * Logs and keeps every Stories request that has not finished when the
+ * worker exits, and closes the connections to Stories that they use.
+ * Unlike a client connection, the shutdown timeout does not close them,
+ * and nginx reports a socket left open by a worker that was exiting.
+ */
+
 void
 ngx_http_stories_abandon_pending(void)
 {
-    ngx_queue_t             *q;
-    ngx_http_stories_ctx_t  *ctx;
+    ngx_uint_t                   i;
+    ngx_queue_t                 *q;
+    ngx_http_stories_ctx_t      *ctx;
+    ngx_http_stories_carrier_t  *carrier;
 
     while (!ngx_queue_empty(&ngx_http_stories_pending)) {
         q = ngx_queue_head(&ngx_http_stories_pending);
@@ -891,6 +1136,40 @@ ngx_http_stories_abandon_pending(void)
         ctx->queued = 0;
 
         ngx_http_stories_abandon(ctx, "the nginx worker exited first");
+
+        for (i = 0; i < ctx->result.nrequests; i++) {
+            if (ctx->deliveries[i].carrier != NULL) {
+                ngx_http_stories_carrier_close(ctx->deliveries[i].carrier);
+            }
+        }
+    }
+
+    while (!ngx_queue_empty(&ngx_http_stories_orphans)) {
+        q = ngx_queue_head(&ngx_http_stories_orphans);
+        ngx_queue_remove(q);
+
+        carrier = ngx_queue_data(q, ngx_http_stories_carrier_t, queue);
+
+        ngx_http_stories_abandon_one(carrier->conf,
+                                     carrier->request->connection->log,
+                                     &carrier->own,
+                                     "the nginx worker exited first");
+
+        ngx_http_stories_carrier_close(carrier);
+    }
+}
+
+
+static void
+ngx_http_stories_carrier_close(ngx_http_stories_carrier_t *carrier)
+{
+    ngx_http_upstream_t  *u;
+
+    u = carrier->subrequest->upstream;
+
+    if (u != NULL && u->peer.connection != NULL) {
+        ngx_close_connection(u->peer.connection);
+        u->peer.connection = NULL;
     }
 }
 

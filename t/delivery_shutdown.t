@@ -1,11 +1,10 @@
 #!/usr/bin/perl
 
-# Stories requests that nginx ends before Stories answers: the endpoint
-# writes each of them to the dead-letter file.  Two ways nginx ends them
-# are checked: the worker_shutdown_timeout of a worker left behind by a
-# reload (HUP), which closes the client's request ("the client request
-# ended first"), and a fast shutdown (TERM), which ends the worker ("the
-# nginx worker exited first").
+# Endpoint calls whose client request nginx ends before Stories answers.
+# The worker_shutdown_timeout of a worker left behind by a reload (HUP)
+# closes the client connections, and the Stories requests go on until
+# Stories answers.  A fast shutdown (TERM) ends them with the worker, which
+# writes each to the dead-letter file ("the nginx worker exited first").
 
 use strict;
 use warnings;
@@ -50,8 +49,12 @@ $conf =~ s/^(events \{)/worker_shutdown_timeout 1s;\n\n$1/m
     or die "no events block in the generated configuration\n";
 $t->write_conf($conf);
 
-# Stories answers after 5 s, long after the shutdown timeout.
-$t->set_stories_rules({ delay => 5 });
+# Stories answers after 3 s or 5 s, long after the shutdown timeout.
+$t->set_stories_rules(
+    { body_contains => '"E-shutdown-fail"', delay => 3, status => 500 },
+    { body_contains => '"E-shutdown-timeout"', delay => 3 },
+    { delay => 5 },
+);
 $t->run();
 
 my $master = $t->read_file('nginx.pid');
@@ -98,6 +101,18 @@ sub dead_letters {
     }
 }
 
+# Waits up to $timeout seconds for error.log after $offset to match $re,
+# and returns the text after $offset.
+sub wait_for_log {
+    my ($offset, $re, $timeout) = @_;
+    my $deadline = time() + $timeout;
+    while (1) {
+        my $log = $t->error_log_since($offset);
+        return $log if $log =~ $re || time() >= $deadline;
+        sleep 0.05;
+    }
+}
+
 sub dead_letter_is {
     my ($record, $id, $error, $name) = @_;
     $record ||= {};
@@ -111,49 +126,73 @@ sub dead_letter_is {
     return;
 }
 
-# A reload leaves the old worker waiting for the call; after
-# worker_shutdown_timeout it closes the connection and ends the call.
+# A reload leaves the old worker waiting for the calls; after
+# worker_shutdown_timeout it closes their connections.  Each Stories request
+# goes on in its own carrier request and ends with Stories' answer: the one
+# that Stories takes leaves no trace, the one that fails is logged and kept.
 
 my $offset = $t->error_log_offset();
-my $client = start_call('shutdown-timeout');
-my @records = $t->wait_for_stories(1);
-is(scalar @records, 1, 'shutdown timeout call reached Stories');
+my $taken = start_call('shutdown-timeout');
+my $failed = start_call('shutdown-fail');
+my @records = $t->wait_for_stories(2);
+is(scalar @records, 2, 'shutdown timeout calls reached Stories');
 
 ok(kill('HUP', $master), 'HUP sent');
-my @lines = dead_letters(1, 5);
+ok(wait_for_exit($taken, 10), 'shutdown timeout client ended');
+ok(wait_for_exit($failed, 10), 'shutdown fail client ended');
+
+my $log = wait_for_log($offset, qr/\[notice\] \d+#\d+: exit$/m, 10);
+like($log, qr/\[notice\] \d+#\d+: exit$/m, 'old worker exited');
+
+my @lines = dead_letters(1, 0);
 is(scalar @lines, 1, 'shutdown timeout dead letter line count');
-dead_letter_is($lines[0], 'shutdown-timeout',
-    'the client request ended first', 'shutdown timeout');
-my $ended = 'the client request ended first, track call, '
-    . 'messageId "shutdown-timeout"';
-like($t->error_log_since($offset), qr/\[error\][^\n]*\Q$ended\E/,
-    'shutdown timeout error line');
-ok(wait_for_exit($client, 10), 'shutdown timeout client ended');
+is($lines[0]{messageId}, 'shutdown-fail', 'failed call dead letter messageId');
+is($lines[0]{status}, 500, 'failed call dead letter status');
+is($lines[0]{error}, 'Stories failed', 'failed call dead letter error');
+is_deeply($lines[0]{body},
+    { user_id => 'u1', name => 'Track',
+      data => { content => 'E-shutdown-fail' } },
+    'failed call dead letter body');
+
+like($log, qr/\[error\][^\n]*failed with status 500, track call, messageId "shutdown-fail"/,
+    'failed call error line');
+unlike($log, qr/shutdown-timeout/, 'taken call not logged');
+is(scalar $t->stories_requests(), 2, 'each call sent once');
 
 my $r = $t->post_json('/v1/track', '{"userId":"u1","event":"E"}');
 ok($r && $r->{status} == 200, 'new worker answers after the reload')
     or diag($r ? "status $r->{status}" : 'no response');
 
-# A fast shutdown ends the call at once.
+# A fast shutdown ends the Stories requests of both kinds at once: one whose
+# client still waits in the new worker, and one in a worker left behind by
+# a reload, whose client connection its shutdown timeout has closed.
 
 $t->clear_stories();
-$client = start_call('fast-shutdown');
+$offset = $t->error_log_offset();
+my $orphan = start_call('orphan-exit');
 @records = $t->wait_for_stories(1);
-is(scalar @records, 1, 'fast shutdown call reached Stories');
+is(scalar @records, 1, 'orphan call reached Stories');
+
+ok(kill('HUP', $master), 'second HUP sent');
+ok(wait_for_exit($orphan, 10), 'orphan client ended');
+
+my $client = start_call('fast-shutdown');
+@records = $t->wait_for_stories(2);
+is(scalar @records, 2, 'fast shutdown call reached Stories');
 
 ok(kill('TERM', $master), 'TERM sent');
 ok(wait_for_exit($master, 10), 'nginx exited after TERM');
 ok(wait_for_exit($client, 10), 'fast shutdown client ended');
 
-@lines = grep { ($_->{messageId} || '') eq 'fast-shutdown' }
-    dead_letters(2, 1);
-is(scalar @lines, 1, 'fast shutdown dead letter line count');
-dead_letter_is($lines[0], 'fast-shutdown', 'the nginx worker exited first',
-    'fast shutdown');
-my $exited = 'the nginx worker exited first, track call, '
-    . 'messageId "fast-shutdown"';
-like($t->read_file('error.log'), qr/\[error\][^\n]*\Q$exited\E/,
-    'fast shutdown error line');
+for my $id (qw(orphan-exit fast-shutdown)) {
+    @lines = grep { ($_->{messageId} || '') eq $id } dead_letters(3, 1);
+    is(scalar @lines, 1, "$id dead letter line count");
+    dead_letter_is($lines[0], $id, 'the nginx worker exited first', $id);
+    my $exited = 'the nginx worker exited first, track call, '
+        . qq(messageId "$id");
+    like($t->read_file('error.log'), qr/\[error\][^\n]*\Q$exited\E/,
+        "$id error line");
+}
 
 unlike($t->read_file('error.log'), qr/\Q$KEY\E/, 'key not in error.log');
 unlike($t->read_file('dead.jsonl'), qr/\Q$KEY\E/, 'key not in dead.jsonl');
