@@ -80,7 +80,7 @@ $(BUILD)/%_test: t/unit/%_test.c t/unit/tap.c t/unit/tap.h $(CORE_DEPS)
 $(REPLAY): src/stories_replay.c
 	mkdir -p $(BUILD)
 	$(CC) $(WARNINGS) -D_POSIX_C_SOURCE=200809L $(CFLAGS) -o $@ $< \
-	    -lcurl -lm
+	    -lcurl -lcjson -lm
 
 test: all
 	prove -r t/

@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
 #include <curl/curl.h>
 
 
@@ -170,9 +171,9 @@ replay_usage(FILE *out)
 "Lines that were not delivered, and lines that are not valid dead-letter\n"
 "lines, are appended to DEADLETTER.failed as JSON objects with a\n"
 "\"replay_status\" member in front: the last HTTP status, or 0 when none\n"
-"was received.  That member replaces any \"replay_status\" the line had,\n"
-"so that file can be replayed in turn.  A line that is not a JSON object\n"
-"is stored as\n"
+"was received.  It replaces the \"replay_status\" members at the front of\n"
+"the line, so that file can be replayed in turn.  A line that is not a\n"
+"JSON object without control bytes is stored as\n"
 "  {\"replay_status\":STATUS,\"replay_error\":\"not a JSON object\",\"line\":LINE}\n"
 "with LINE as a JSON string, or with \"line_base64\" and the line in base64\n"
 "when it is not valid UTF-8.\n"
@@ -1285,38 +1286,6 @@ replay_escape_json(char *out, const char *text, size_t len)
 }
 
 
-/* Returns the value of the 4 hex digits at P, or -1 when there are none. */
-static long
-replay_hex4(const char *p, const char *end)
-{
-    int   i;
-    long  value;
-    char  c;
-
-    if (end - p < 4) {
-        return -1;
-    }
-
-    value = 0;
-
-    for (i = 0; i < 4; i++) {
-        c = p[i];
-
-        if (c >= '0' && c <= '9') {
-            value = value * 16 + (c - '0');
-
-        } else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') {
-            value = value * 16 + ((c | 0x20) - 'a' + 10);
-
-        } else {
-            return -1;
-        }
-    }
-
-    return value;
-}
-
-
 /*
  * Returns the length of the UTF-8 sequence at P, or 0 when the bytes are
  * not well-formed UTF-8 (RFC 3629, section 4): overlong forms, surrogates
@@ -1412,396 +1381,82 @@ replay_utf8_valid(const char *p, const char *end)
 
 
 /*
- * Returns the position after the JSON string whose opening quote is at P,
- * or NULL when the string is invalid.  The grammar of RFC 8259 allows a \u
- * escape of a lone surrogate, but it is invalid here, because strict
- * parsers such as Perl's JSON::PP 4.07 reject it.
- */
-static const char *
-replay_json_string(const char *p, const char *end)
-{
-    long            unit;
-    size_t          n;
-    unsigned char   c;
-
-    p++;
-
-    while (p < end) {
-        c = (unsigned char) *p;
-
-        if (c == '"') {
-            return p + 1;
-        }
-
-        if (c < 0x20) {
-            return NULL;
-        }
-
-        if (c != '\\') {
-            n = replay_utf8_length(p, end);
-            if (n == 0) {
-                return NULL;
-            }
-            p += n;
-            continue;
-        }
-
-        if (end - p < 2) {
-            return NULL;
-        }
-
-        c = (unsigned char) p[1];
-
-        if (c != 'u') {
-            if (c == '\0' || strchr("\"\\/bfnrt", c) == NULL) {
-                return NULL;
-            }
-            p += 2;
-            continue;
-        }
-
-        unit = replay_hex4(p + 2, end);
-        p += 6;
-
-        if (unit < 0 || (unit >= 0xdc00 && unit <= 0xdfff)) {
-            return NULL;
-        }
-
-        if (unit >= 0xd800 && unit <= 0xdbff) {
-            /* a high surrogate must be followed by a low one */
-
-            if (end - p < 2 || p[0] != '\\' || p[1] != 'u') {
-                return NULL;
-            }
-
-            unit = replay_hex4(p + 2, end);
-            p += 6;
-
-            if (unit < 0xdc00 || unit > 0xdfff) {
-                return NULL;
-            }
-        }
-    }
-
-    return NULL;
-}
-
-
-static const char *
-replay_skip_digits(const char *p, const char *end)
-{
-    while (p < end && *p >= '0' && *p <= '9') {
-        p++;
-    }
-
-    return p;
-}
-
-
-/* Returns the position after the JSON number at P, or NULL. */
-static const char *
-replay_json_number(const char *p, const char *end)
-{
-    const char  *digits;
-
-    if (p < end && *p == '-') {
-        p++;
-    }
-
-    if (p == end || *p < '0' || *p > '9') {
-        return NULL;
-    }
-
-    /* no leading zeros */
-
-    p = (*p == '0') ? p + 1 : replay_skip_digits(p, end);
-
-    if (p < end && *p == '.') {
-        digits = p + 1;
-        p = replay_skip_digits(digits, end);
-        if (p == digits) {
-            return NULL;
-        }
-    }
-
-    if (p < end && (*p == 'e' || *p == 'E')) {
-        p++;
-        if (p < end && (*p == '+' || *p == '-')) {
-            p++;
-        }
-
-        digits = p;
-        p = replay_skip_digits(digits, end);
-        if (p == digits) {
-            return NULL;
-        }
-    }
-
-    return p;
-}
-
-
-/* Returns the position after the JSON string, number or literal at P. */
-static const char *
-replay_json_scalar(const char *p, const char *end)
-{
-    size_t       i;
-    const char  *literal;
-
-    static const char  *literals[] = { "true", "false", "null", NULL };
-
-    if (p == end) {
-        return NULL;
-    }
-
-    if (*p == '"') {
-        return replay_json_string(p, end);
-    }
-
-    if (*p == '-' || (*p >= '0' && *p <= '9')) {
-        return replay_json_number(p, end);
-    }
-
-    for (i = 0; literals[i] != NULL; i++) {
-        literal = literals[i];
-
-        if ((size_t) (end - p) >= strlen(literal)
-            && memcmp(p, literal, strlen(literal)) == 0)
-        {
-            return p + strlen(literal);
-        }
-    }
-
-    return NULL;
-}
-
-
-/* Reads a member name and the ':' after it.  Returns the position after. */
-static const char *
-replay_json_name(const char *p, const char *end)
-{
-    p = replay_skip_space(p, end);
-
-    if (p == end || *p != '"') {
-        return NULL;
-    }
-
-    p = replay_json_string(p, end);
-    if (p == NULL) {
-        return NULL;
-    }
-
-    p = replay_skip_space(p, end);
-
-    if (p == end || *p != ':') {
-        return NULL;
-    }
-
-    return p + 1;
-}
-
-
-/*
- * Checks that TEXT is one JSON object (RFC 8259) with optional whitespace
- * around it, in UTF-8 and without lone surrogates.  Returns 1 and sets
- * *object to its '{', 0 for other text, or -1 when memory runs out.
- * Containers are tracked in a heap array instead of by recursion, so a
- * deeply nested line cannot overflow the stack.
+ * Tells whether TEXT is one JSON object that can be copied into a .failed
+ * line as it is: cJSON reads it, and it is UTF-8 without control bytes,
+ * which cJSON lets through in strings but stricter readers reject.
  */
 static int
-replay_json_object(const char *text, size_t len, const char **object)
+replay_is_object(const char *text, size_t len)
 {
-    int          rc, expect_value;
-    char        *open, close;
-    size_t       depth;
-    const char  *p, *end, *start;
+    int          object;
+    size_t       i;
+    cJSON       *root;
+    const char  *end;
 
-    end = text + len;
-    start = replay_skip_space(text, end);
+    for (i = 0; i < len; i++) {
+        if ((unsigned char) text[i] < 0x20) {
+            return 0;
+        }
+    }
 
-    if (start == end || *start != '{') {
+    if (!replay_utf8_valid(text, text + len)) {
         return 0;
     }
 
-    /* Each open container takes a byte of the text, so len bounds depth. */
+    end = NULL;
+    root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
 
-    open = malloc(len);
-    if (open == NULL) {
-        return -1;
-    }
+    object = cJSON_IsObject(root)
+             && replay_skip_space(end, text + len) == text + len;
 
-    depth = 0;
-    p = start;
-    expect_value = 1;
-    rc = 0;
+    cJSON_Delete(root);
+
+    return object;
+}
+
+
+/*
+ * Returns the position after the '{' of a JSON object line and after the
+ * "replay_status" members that earlier runs put first.
+ */
+static const char *
+replay_after_status(const char *text, const char *end)
+{
+    const char  *p, *q;
+
+    static const char  name[] = "\"replay_status\":";
+
+    p = replay_skip_space(text + 1, end);
 
     for ( ;; ) {
-        p = replay_skip_space(p, end);
-
-        if (expect_value) {
-            if (p == end || (*p != '{' && *p != '[')) {
-                p = replay_json_scalar(p, end);
-                if (p == NULL) {
-                    break;
-                }
-                expect_value = 0;
-                continue;
-            }
-
-            open[depth++] = *p;
-            close = (*p == '{') ? '}' : ']';
-            p = replay_skip_space(p + 1, end);
-
-            if (p < end && *p == close) {
-                depth--;
-                p++;
-                expect_value = 0;
-
-            } else if (close == '}') {
-                p = replay_json_name(p, end);
-                if (p == NULL) {
-                    break;
-                }
-            }
-
-            continue;
+        if ((size_t) (end - p) < sizeof(name) - 1
+            || memcmp(p, name, sizeof(name) - 1) != 0)
+        {
+            return p;
         }
 
-        if (depth == 0) {
-            rc = (p == end);
-            break;
+        q = p + sizeof(name) - 1;
+
+        if (q < end && *q == '-') {
+            q++;
         }
 
-        if (p == end) {
-            break;
+        while (q < end && *q >= '0' && *q <= '9') {
+            q++;
         }
 
-        close = (open[depth - 1] == '{') ? '}' : ']';
+        q = replay_skip_space(q, end);
 
-        if (*p == close) {
-            depth--;
-            p++;
-            continue;
+        if (q < end && *q == '}') {
+            return q;
         }
 
-        if (*p != ',') {
-            break;
+        if (q == end || *q != ',') {
+            return p;
         }
 
-        p++;
-        expect_value = 1;
-
-        if (close == '}') {
-            p = replay_json_name(p, end);
-            if (p == NULL) {
-                break;
-            }
-        }
+        p = replay_skip_space(q + 1, end);
     }
-
-    free(open);
-
-    if (rc == 1) {
-        *object = start;
-    }
-
-    return rc;
-}
-
-
-/*
- * Returns 1 when the JSON string from START to END, quotes included,
- * decodes to the ASCII text NAME.  The string must be valid.
- */
-static int
-replay_json_string_is(const char *start, const char *end, const char *name)
-{
-    long          c;
-    const char   *p;
-
-    for (p = start + 1; p < end - 1; /* void */ ) {
-        c = (unsigned char) *p++;
-
-        if (c == '\\') {
-            c = (unsigned char) *p++;
-
-            switch (c) {
-            case 'b':
-                c = '\b';
-                break;
-            case 'f':
-                c = '\f';
-                break;
-            case 'n':
-                c = '\n';
-                break;
-            case 'r':
-                c = '\r';
-                break;
-            case 't':
-                c = '\t';
-                break;
-            case 'u':
-                c = replay_hex4(p, end);
-                p += 4;
-                break;
-            }
-        }
-
-        if (*name == '\0' || c != (unsigned char) *name) {
-            return 0;
-        }
-
-        name++;
-    }
-
-    return *name == '\0';
-}
-
-
-/*
- * Appends each member of the valid JSON object at OBJECT, after a comma,
- * except those named "replay_status".  The members keep their bytes, but
- * the whitespace between them is dropped.
- */
-static char *
-replay_copy_members(char *out, const char *object, const char *end)
-{
-    const char  *p, *last, *name, *name_end, *value_end;
-
-    /* last is the object's closing brace */
-
-    last = end;
-    while (last[-1] != '}') {
-        last--;
-    }
-    last--;
-
-    p = replay_skip_space(object + 1, last);
-
-    while (p < last) {
-        name = p;
-        name_end = replay_skip_string(name, last);
-
-        p = replay_skip_space(name_end, last);
-        p = replay_skip_space(p + 1, last);
-        value_end = replay_skip_value(p, last);
-
-        if (!replay_json_string_is(name, name_end, "replay_status")) {
-            *out++ = ',';
-            memcpy(out, name, value_end - name);
-            out += value_end - name;
-        }
-
-        p = replay_skip_space(value_end, last);
-
-        if (p < last) {
-            /* the comma before the next member */
-            p = replay_skip_space(p + 1, last);
-        }
-    }
-
-    return out;
 }
 
 
@@ -1848,8 +1503,8 @@ replay_base64(char *out, const char *data, size_t len)
 /*
  * Builds the .failed line, which is always a JSON object.  A line that is
  * a JSON object gets "replay_status":STATUS as its first member, in place
- * of any it had, and keeps the other members in order, so "body" stays
- * last.  Any other line becomes
+ * of those an earlier run put first, and keeps the rest byte for byte, so
+ * "body" stays last.  Any other line becomes
  * {"replay_status":STATUS,"replay_error":"not a JSON object","line":LINE}
  * with the line as a JSON string, or with "line_base64" in place of "line"
  * when the line is not UTF-8.
@@ -1857,14 +1512,11 @@ replay_base64(char *out, const char *data, size_t len)
 static char *
 replay_failed_line(const char *text, size_t len, long status, size_t *size)
 {
-    int          rc, n;
+    int          n;
     char        *out, *p;
-    const char  *object;
+    const char  *end, *rest;
 
-    rc = replay_json_object(text, len, &object);
-    if (rc < 0) {
-        return NULL;
-    }
+    end = text + len;
 
     /* an escaped byte takes at most 6 bytes, and base64 takes 4 for 3 */
 
@@ -1876,22 +1528,30 @@ replay_failed_line(const char *text, size_t len, long status, size_t *size)
     n = sprintf(out, "{\"replay_status\":%ld", status);
     p = out + n;
 
-    if (rc == 1) {
-        p = replay_copy_members(p, object, text + len);
+    if (replay_is_object(text, len)) {
+        rest = replay_after_status(text, end);
 
-    } else if (replay_utf8_valid(text, text + len)) {
+        if (*rest != '}') {
+            *p++ = ',';
+        }
+
+        memcpy(p, rest, end - rest);
+        p += end - rest;
+
+    } else if (replay_utf8_valid(text, end)) {
         n = sprintf(p, ",\"replay_error\":\"%s\",\"line\":",
                     REPLAY_NOT_OBJECT);
         p = replay_escape_json(p + n, text, len);
+        *p++ = '}';
 
     } else {
         n = sprintf(p, ",\"replay_error\":\"%s\",\"line_base64\":\"",
                     REPLAY_NOT_OBJECT);
         p = replay_base64(p + n, text, len);
         *p++ = '"';
+        *p++ = '}';
     }
 
-    *p++ = '}';
     *p++ = '\n';
     *size = p - out;
 
