@@ -16,7 +16,7 @@
 static ngx_int_t ngx_http_stories_decode(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *ctx, ngx_str_t *body, char **inflated);
 static ngx_int_t ngx_http_stories_read_body(ngx_http_request_t *r,
-    ngx_str_t *body);
+    size_t max, ngx_str_t *body);
 static ngx_uint_t ngx_http_stories_authorized(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *ctx);
 static ngx_uint_t ngx_http_stories_key_matches(ngx_array_t *keys,
@@ -84,13 +84,22 @@ ngx_http_stories_translate(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx)
 
     slcf = ctx->conf;
 
-    if (ngx_http_stories_read_body(r, &body) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
     inflated = NULL;
 
-    rc = ngx_http_stories_decode(r, ctx, &body, &inflated);
+    rc = ngx_http_stories_read_body(r, slcf->max_batch_size, &body);
+
+    if (rc == NGX_DECLINED) {
+
+        /* a compressed body this large is refused without inflating it */
+
+        ctx->result.status = NGX_HTTP_REQUEST_ENTITY_TOO_LARGE;
+        ngx_snprintf((u_char *) ctx->result.error, STORIES_ERROR_SIZE,
+                     "body is larger than stories_max_batch_size "
+                     "%uz bytes%Z", slcf->max_batch_size);
+
+    } else if (rc == NGX_OK) {
+        rc = ngx_http_stories_decode(r, ctx, &body, &inflated);
+    }
 
     if (rc == NGX_OK) {
         options.sync_users = slcf->sync_users;
@@ -196,11 +205,14 @@ ngx_http_stories_decode(ngx_http_request_t *r, ngx_http_stories_ctx_t *ctx,
 
 /*
  * Returns the whole request body as one string, whether nginx kept it in
- * memory buffers or wrote it to a temporary file.
+ * memory buffers or wrote it to a temporary file.  A body of more than max
+ * bytes (0: no limit), as sent, returns NGX_DECLINED and is not copied:
+ * client_max_body_size can be far larger than a Segment call.
  */
 
 static ngx_int_t
-ngx_http_stories_read_body(ngx_http_request_t *r, ngx_str_t *body)
+ngx_http_stories_read_body(ngx_http_request_t *r, size_t max,
+    ngx_str_t *body)
 {
     off_t         len;
     u_char       *p;
@@ -214,6 +226,17 @@ ngx_http_stories_read_body(ngx_http_request_t *r, ngx_str_t *body)
         return NGX_OK;
     }
 
+    len = 0;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        b = cl->buf;
+        len += b->in_file ? b->file_last - b->file_pos : b->last - b->pos;
+    }
+
+    if (max != 0 && len > (off_t) max) {
+        return NGX_DECLINED;
+    }
+
     /* a chunked body can end with an empty buffer that is neither */
 
     cl = r->request_body->bufs;
@@ -222,13 +245,6 @@ ngx_http_stories_read_body(ngx_http_request_t *r, ngx_str_t *body)
         body->data = cl->buf->pos;
         body->len = cl->buf->last - cl->buf->pos;
         return NGX_OK;
-    }
-
-    len = 0;
-
-    for (cl = r->request_body->bufs; cl; cl = cl->next) {
-        b = cl->buf;
-        len += b->in_file ? b->file_last - b->file_pos : b->last - b->pos;
     }
 
     if (len == 0) {
