@@ -15,6 +15,10 @@ CORE_DEPS   := $(CORE_SRCS) src/stories_body.h src/stories_segment.h
 CFLAGS      ?= -O2 -g
 WARNINGS    := -std=c99 -Wall -Wextra -Werror
 
+# make run: the port of the quick start's endpoint and of its Stories sink
+RUN_PORT    ?= 8080
+SINK_PORT   ?= 8081
+
 FUZZ_TARGET := $(BUILD)/segment_fuzz
 FUZZ_SECONDS ?= 60
 FUZZ_FLAGS  := -g -O1 -fsanitize=fuzzer,address,undefined \
@@ -150,16 +154,19 @@ bench: all
 # Starts nginx in the foreground with the quick-start configuration.
 run: all
 	mkdir -p $(BUILD)/run/logs
+	sed -e 's/127\.0\.0\.1:8080/127.0.0.1:$(RUN_PORT)/' \
+	    -e 's/127\.0\.0\.1:8081/127.0.0.1:$(SINK_PORT)/' \
+	    conf-examples/quickstart.conf > $(BUILD)/run/nginx.conf
 	@echo
-	@echo "nginx listens on http://127.0.0.1:8080; send a call with:"
+	@echo "nginx listens on http://127.0.0.1:$(RUN_PORT); send a call with:"
 	@echo "  curl -d '{\"userId\":\"u1\",\"event\":\"Signed Up\"}' \\"
 	@echo "       -H 'Content-Type: application/json' \\"
-	@echo "       http://127.0.0.1:8080/v1/track"
+	@echo "       http://127.0.0.1:$(RUN_PORT)/v1/track"
 	@echo "Stories requests show up in $(BUILD)/run/logs/stories.log"
 	@echo "Stop with Ctrl-C."
 	@echo
 	$(NGINX) -p $(CURDIR)/$(BUILD)/run/ -e stderr \
-	    -c $(CURDIR)/conf-examples/quickstart.conf \
+	    -c $(CURDIR)/$(BUILD)/run/nginx.conf \
 	    -g 'daemon off; load_module $(CURDIR)/$(MODULE);'
 
 clean:
