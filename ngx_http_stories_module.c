@@ -450,6 +450,13 @@ ngx_http_stories_endpoint_body_handler(ngx_http_request_t *r)
 
     ngx_http_stories_log_notes(r, ctx);
 
+    /*
+     * The Stories requests do not watch the client's connection, so this
+     * request does: a client that goes away, or a reset HTTP/2 stream,
+     * ends it, and the Stories requests not yet started with it.
+     */
+
+    r->read_event_handler = ngx_http_test_reading;
     r->write_event_handler = ngx_http_stories_endpoint_wake;
 
     ngx_http_stories_start(ctx);

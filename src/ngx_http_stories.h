@@ -101,6 +101,7 @@ ngx_table_elt_t *ngx_http_stories_find_header(ngx_http_request_t *r,
 ngx_http_stories_ctx_t *ngx_http_stories_detach(ngx_http_request_t *r,
     ngx_http_stories_ctx_t *client_ctx);
 void ngx_http_stories_detached_free(ngx_event_t *ev);
+void ngx_http_stories_free_request(ngx_http_request_t *r);
 ngx_int_t ngx_http_stories_admit(ngx_http_stories_ctx_t *ctx);
 void ngx_http_stories_start(ngx_http_stories_ctx_t *ctx);
 void ngx_http_stories_cleanup(void *data);

@@ -53,6 +53,7 @@ static void ngx_http_stories_abandon_one(ngx_http_stories_loc_conf_t *conf,
     ngx_log_t *log, ngx_http_stories_delivery_t *d, const char *reason);
 static ngx_http_stories_carrier_t *ngx_http_stories_carrier(
     ngx_http_stories_ctx_t *ctx, ngx_http_stories_delivery_t *d);
+static void ngx_http_stories_carrier_event(ngx_event_t *ev);
 static void ngx_http_stories_carrier_run(ngx_event_t *ev);
 static void ngx_http_stories_carrier_free(ngx_event_t *ev);
 static void ngx_http_stories_carrier_close(
@@ -212,10 +213,25 @@ ngx_http_stories_fake_connection(ngx_http_request_t *r, ngx_pool_t *pool)
     c->write->data = c;
     c->write->log = log;
 
-    /* with no socket, marking both events active keeps epoll away */
+    /*
+     * With no socket, marking both events active keeps epoll away, and a
+     * ready write event keeps an unbuffered proxy from setting a
+     * send_timeout timer on it.  A module that still sets a timer on the
+     * connection of a subrequest, as limit_req does to delay it, gets its
+     * event handled by ngx_http_stories_carrier_event().
+     */
 
     c->read->active = 1;
     c->write->active = 1;
+    c->write->write = 1;
+    c->write->ready = 1;
+    c->read->handler = ngx_http_empty_handler;
+    c->write->handler = ngx_http_empty_handler;
+
+    /* nothing may call setsockopt() on the missing socket */
+
+    c->tcp_nodelay = NGX_TCP_NODELAY_DISABLED;
+    c->tcp_nopush = NGX_TCP_NOPUSH_DISABLED;
 
     c->addr_text.data = ngx_pstrdup(pool, &client->addr_text);
     c->addr_text.len = client->addr_text.len;
@@ -335,7 +351,7 @@ ngx_http_stories_detached_free(ngx_event_t *ev)
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ev->log, 0, "stories detached free");
 
-    ngx_http_free_request(ctx->request, 0);
+    ngx_http_stories_free_request(ctx->request);
 }
 
 
@@ -402,7 +418,7 @@ ngx_http_stories_start(ngx_http_stories_ctx_t *ctx)
                 continue;
             }
 
-            ngx_http_free_request(carrier->request, 0);
+            ngx_http_stories_free_request(carrier->request);
         }
 
         d->outcome = NGX_HTTP_STORIES_INTERNAL;
@@ -500,12 +516,58 @@ ngx_http_stories_carrier(ngx_http_stories_ctx_t *ctx,
     carrier->free_event.data = carrier;
     carrier->free_event.log = c->log;
 
+    c->read->handler = ngx_http_stories_carrier_event;
+    c->write->handler = ngx_http_stories_carrier_event;
+
+    ngx_http_set_ctx(cr, carrier, ngx_http_stories_module);
+
     return carrier;
 
 failed:
 
     ngx_destroy_pool(pool);
     return NULL;
+}
+
+
+/*
+ * Handles an event of the carrier's connection, such as a timer that
+ * limit_req set to delay the subrequest, as nginx does for a client
+ * connection: by the subrequest's own read or write handler.
+ */
+
+static void
+ngx_http_stories_carrier_event(ngx_event_t *ev)
+{
+    ngx_connection_t            *c;
+    ngx_http_request_t          *sr;
+    ngx_http_stories_carrier_t  *carrier;
+
+    c = ev->data;
+    carrier = ngx_http_get_module_ctx((ngx_http_request_t *) c->data,
+                                      ngx_http_stories_module);
+
+    sr = carrier->subrequest;
+
+    if (sr == NULL || carrier->done) {
+        return;
+    }
+
+    ngx_http_set_log_request(c->log, sr);
+
+    if (ev->delayed && ev->timedout) {
+        ev->delayed = 0;
+        ev->timedout = 0;
+    }
+
+    if (ev->write) {
+        sr->write_event_handler(sr);
+
+    } else {
+        sr->read_event_handler(sr);
+    }
+
+    ngx_http_run_posted_requests(c);
 }
 
 
@@ -534,7 +596,36 @@ ngx_http_stories_carrier_free(ngx_event_t *ev)
         ngx_delete_posted_event(&carrier->run_event);
     }
 
-    ngx_http_free_request(carrier->request, 0);
+    ngx_http_stories_free_request(carrier->request);
+}
+
+
+/*
+ * Frees a request of the module's own, with the events of its connection
+ * taken out of the timer tree and the posted queue first: they are freed
+ * with the request's pool.
+ */
+
+void
+ngx_http_stories_free_request(ngx_http_request_t *r)
+{
+    ngx_event_t  *ev[2];
+    ngx_uint_t    i;
+
+    ev[0] = r->connection->read;
+    ev[1] = r->connection->write;
+
+    for (i = 0; i < 2; i++) {
+        if (ev[i]->timer_set) {
+            ngx_del_timer(ev[i]);
+        }
+
+        if (ev[i]->posted) {
+            ngx_delete_posted_event(ev[i]);
+        }
+    }
+
+    ngx_http_free_request(r, 0);
 }
 
 
@@ -1014,8 +1105,8 @@ ngx_http_stories_keep(ngx_http_stories_loc_conf_t *conf, ngx_log_t *log,
 
 /*
  * Frees the translation.  A Stories request that never finished means
- * that nginx ended the call's request early, for example on a lost HTTP/2
- * stream or at the end of worker_shutdown_timeout.  A request that is
+ * that nginx ended the call's request early: the client went away, or
+ * worker_shutdown_timeout ended it.  A request that is
  * running goes on in its carrier, which then logs and keeps its outcome.
  */
 
