@@ -15,9 +15,8 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 
 use IO::Socket::INET;
-use JSON::PP;
 use Test::More;
-use Time::HiRes qw(sleep time);
+use Time::HiRes qw(sleep);
 
 use StoriesTest;
 
@@ -25,7 +24,6 @@ BAIL_OUT('module not built: ' . StoriesTest::module_path() . '; run make')
     unless StoriesTest::has_module();
 
 my $KEY = 'sk-carrier-3b7d19';
-my $JSON = JSON::PP->new->utf8->canonical;
 
 my $t = StoriesTest->new(error_log_level => 'info');
 
@@ -111,21 +109,6 @@ sub stories_bodies {
     return sort map { $_->{body} } $t->wait_for_stories($count, $timeout);
 }
 
-# Waits up to $timeout seconds for the dead-letter file to have $count
-# lines, and returns them decoded.
-sub dead_letters {
-    my ($count, $timeout) = @_;
-    my $deadline = time() + $timeout;
-    while (1) {
-        my @lines = grep { $_ ne '' } split /\n/, $t->read_file('dead.jsonl');
-        if (@lines >= $count || time() >= $deadline) {
-            return map { eval { $JSON->decode($_) } || { line => $_ } }
-                @lines;
-        }
-        sleep 0.05;
-    }
-}
-
 ############################################################################
 # An unbuffered proxy in the internal location.
 
@@ -178,7 +161,7 @@ print {$client} "POST /gone/v1/batch HTTP/1.1\r\nHost: localhost\r\n"
 is(scalar $t->wait_for_stories(2), 2, 'gone client: two requests running');
 close $client;
 
-my @lines = dead_letters(3, 5);
+my @lines = $t->wait_for_json_lines('dead.jsonl', 3, 5);
 is(scalar @lines, 3, 'gone client: three requests not started');
 is_deeply([sort map { $_->{messageId} // '' } @lines], [qw(m3 m4 m5)],
     'gone client: the requests not started are kept');
@@ -191,7 +174,7 @@ like($t->error_log_since($offset), qr/client prematurely closed connection/,
 $t->write_file('release', '');
 sleep 0.5;
 is(scalar $t->stories_requests(), 2, 'gone client: nothing more sent');
-is(scalar(dead_letters(4, 1)), 3,
+is(scalar($t->wait_for_json_lines('dead.jsonl', 4, 1)), 3,
     'gone client: running requests delivered, not kept');
 unlike($t->error_log_since($offset), qr/\[error\][^\n]*"m[12]"/,
     'gone client: running requests not logged as failed');

@@ -237,18 +237,6 @@ sub dead_letter_lines {
     }
 }
 
-# Waits up to $timeout seconds for error.log after $offset to match $re,
-# and returns the text after $offset.
-sub wait_for_log {
-    my ($offset, $re, $timeout) = @_;
-    my $deadline = time() + $timeout;
-    while (1) {
-        my $log = $t->error_log_since($offset);
-        return $log if $log =~ $re || time() >= $deadline;
-        sleep 0.05;
-    }
-}
-
 # Checks one dead-letter line field by field, and that the body is the
 # last field and byte for byte the Stories body.
 sub dead_letter_line_is {
@@ -451,7 +439,7 @@ for my $fault (@FAULTS) {
         } else {
             my $line = $fault->{log};
             $line =~ s/%ID%/"$id"/;
-            my $log = wait_for_log($log_offset, qr/\Q$line\E/,
+            my $log = $t->wait_for_log($log_offset, qr/\Q$line\E/,
                 $conf->{front} ? 5 : 0);
             like($log, qr/\[error\][^\n]*\Q$line\E/, "$name error line");
             unlike($log, qr/\Q$KEY\E/, "$name key not in error.log");

@@ -12,7 +12,6 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 
-use JSON::PP;
 use POSIX qw(WNOHANG);
 use Test::More;
 use Time::HiRes qw(sleep time);
@@ -23,7 +22,6 @@ BAIL_OUT('module not built: ' . StoriesTest::module_path() . '; run make')
     unless StoriesTest::has_module();
 
 my $KEY = 'sk-secret-61d0b8a4';
-my $JSON = JSON::PP->new->utf8->canonical;
 
 my $t = StoriesTest->new(error_log_level => 'info');
 
@@ -86,33 +84,6 @@ sub wait_for_exit {
     return 0;
 }
 
-# Returns the decoded dead-letter lines after waiting up to $timeout
-# seconds for $count of them.
-sub dead_letters {
-    my ($count, $timeout) = @_;
-    my $deadline = time() + $timeout;
-    while (1) {
-        my @lines = grep { $_ ne '' } split /\n/, $t->read_file('dead.jsonl');
-        if (@lines >= $count || time() >= $deadline) {
-            return map { eval { $JSON->decode($_) } || { line => $_ } }
-                @lines;
-        }
-        sleep 0.05;
-    }
-}
-
-# Waits up to $timeout seconds for error.log after $offset to match $re,
-# and returns the text after $offset.
-sub wait_for_log {
-    my ($offset, $re, $timeout) = @_;
-    my $deadline = time() + $timeout;
-    while (1) {
-        my $log = $t->error_log_since($offset);
-        return $log if $log =~ $re || time() >= $deadline;
-        sleep 0.05;
-    }
-}
-
 sub dead_letter_is {
     my ($record, $id, $error, $name) = @_;
     $record ||= {};
@@ -141,10 +112,10 @@ ok(kill('HUP', $master), 'HUP sent');
 ok(wait_for_exit($taken, 10), 'shutdown timeout client ended');
 ok(wait_for_exit($failed, 10), 'shutdown fail client ended');
 
-my $log = wait_for_log($offset, qr/\[notice\] \d+#\d+: exit$/m, 10);
+my $log = $t->wait_for_log($offset, qr/\[notice\] \d+#\d+: exit$/m, 10);
 like($log, qr/\[notice\] \d+#\d+: exit$/m, 'old worker exited');
 
-my @lines = dead_letters(1, 0);
+my @lines = $t->wait_for_json_lines('dead.jsonl', 1, 0);
 is(scalar @lines, 1, 'shutdown timeout dead letter line count');
 is($lines[0]{messageId}, 'shutdown-fail', 'failed call dead letter messageId');
 is($lines[0]{status}, 500, 'failed call dead letter status');
@@ -185,7 +156,8 @@ ok(wait_for_exit($master, 10), 'nginx exited after TERM');
 ok(wait_for_exit($client, 10), 'fast shutdown client ended');
 
 for my $id (qw(orphan-exit fast-shutdown)) {
-    @lines = grep { ($_->{messageId} || '') eq $id } dead_letters(3, 1);
+    @lines = grep { ($_->{messageId} || '') eq $id }
+        $t->wait_for_json_lines('dead.jsonl', 3, 1);
     is(scalar @lines, 1, "$id dead letter line count");
     dead_letter_is($lines[0], $id, 'the nginx worker exited first', $id);
     my $exited = 'the nginx worker exited first, track call, '

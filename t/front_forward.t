@@ -222,18 +222,6 @@ sub backend_response_is {
     return;
 }
 
-# Polls error.log from $offset until $pattern matches or $timeout seconds
-# (default 5) pass.  Returns the log text read last.
-sub wait_for_log {
-    my ($offset, $pattern, $timeout) = @_;
-    my $deadline = time() + (defined $timeout ? $timeout : 5);
-    while (1) {
-        my $log = $t->error_log_since($offset);
-        return $log if $log =~ $pattern || time() >= $deadline;
-        sleep 0.05;
-    }
-}
-
 # Returns the Stories records sorted by body, for batches whose requests
 # run in parallel and arrive in any order.
 sub stories_by_body {
@@ -271,7 +259,7 @@ $r = send_front('POST', '/v1/track', $body);
 backend_response_is($r, 'close', 'invalid json');
 backend_request_is('POST', '/v1/track', $body, \@CLIENT, 'invalid json');
 $t->nothing_forwarded('invalid json');
-like(wait_for_log($offset, qr/not forwarded/),
+like($t->wait_for_log($offset, qr/not forwarded/),
     qr/\[info\][^\n]*stories: track call not forwarded: invalid JSON/,
     'invalid json info line');
 
@@ -283,7 +271,7 @@ backend_response_is($r, 'close', 'content type html');
 backend_request_is('POST', '/v1/track', $body, \@html_headers,
     'content type html');
 $t->nothing_forwarded('content type html');
-like(wait_for_log($offset, qr/not forwarded/),
+like($t->wait_for_log($offset, qr/not forwarded/),
     qr/\[info\][^\n]*stories: track call not forwarded: unsupported Content-Type; send application\/json or text\/plain/,
     'content type html info line');
 
@@ -293,7 +281,7 @@ $r = send_front('POST', '/v1/track', $body);
 backend_response_is($r, 'close', 'missing event');
 backend_request_is('POST', '/v1/track', $body, \@CLIENT, 'missing event');
 $t->nothing_forwarded('missing event');
-like(wait_for_log($offset, qr/not forwarded/),
+like($t->wait_for_log($offset, qr/not forwarded/),
     qr/\[info\][^\n]*stories: track call not forwarded: missing event/,
     'missing event info line');
 
@@ -310,7 +298,7 @@ note(sprintf 'stories refused: client response after %.3f s', $elapsed);
 backend_response_is($r, 'close', 'stories refused');
 backend_request_is('POST', '/refused/v1/track', $body, \@CLIENT,
     'stories refused');
-like(wait_for_log($offset, qr/Stories is unreachable/),
+like($t->wait_for_log($offset, qr/Stories is unreachable/),
     qr/\[error\][^\n]*stories request to "\/v1\/events\/" failed: Stories is unreachable, track call, messageId "m-refused"/,
     'stories refused error line');
 
@@ -326,7 +314,7 @@ backend_request_is('POST', '/v1/track', $body, \@CLIENT, 'stories 500');
 @records = $t->wait_for_stories(1);
 $t->stories_request_is($records[0], $EVENTS, track_event('u-500'), $KEY,
     'stories 500');
-like(wait_for_log($offset, qr/failed with status 500/),
+like($t->wait_for_log($offset, qr/failed with status 500/),
     qr/\[error\][^\n]*stories request to "\/v1\/events\/" failed with status 500, track call, messageId "m-500"/,
     'stories 500 error line');
 
@@ -498,7 +486,7 @@ for my $case (['no key', \@no_auth], ['client basic', \@CLIENT]) {
     backend_request_is('POST', '/keys/v1/track', $body, $headers,
         "write key $name");
     $t->nothing_forwarded("write key $name");
-    like(wait_for_log($offset, qr/not forwarded/),
+    like($t->wait_for_log($offset, qr/not forwarded/),
         qr/\[info\][^\n]*stories: track call not forwarded: missing or invalid write key/,
         "write key $name info line");
 }
@@ -555,7 +543,7 @@ like($lines[1] || '',
     qr/^$TIME"path":"\/v1\/events\/","status":503,"error":"Stories failed","messageId":null,"body":\{"user_id":"u-503-b","name":"Track","data":\{"content":"E"\}\}\}$/,
     'dead letter line without messageId');
 
-my $log = wait_for_log($offset, qr/messageId none/);
+my $log = $t->wait_for_log($offset, qr/messageId none/);
 like($log,
     qr/\[error\][^\n]*stories request to "\/v1\/events\/" failed with status 503, track call, messageId "d-1"/,
     'dead letter error line with messageId');

@@ -392,6 +392,34 @@ sub error_log_since {
     return substr($self->read_file('error.log'), $offset || 0);
 }
 
+# Polls error.log from $offset until $pattern matches or $timeout seconds
+# (default 5) pass.  Returns the log text read last.
+sub wait_for_log {
+    my ($self, $offset, $pattern, $timeout) = @_;
+    my $deadline = time() + (defined $timeout ? $timeout : 5);
+    while (1) {
+        my $log = $self->error_log_since($offset);
+        return $log if $log =~ $pattern || time() >= $deadline;
+        sleep 0.05;
+    }
+}
+
+# Returns the lines of a JSON lines file in the test directory, decoded,
+# after waiting up to $timeout seconds for $count of them.  A line that is
+# not JSON comes back as { line => TEXT }.
+sub wait_for_json_lines {
+    my ($self, $name, $count, $timeout) = @_;
+    my $deadline = time() + $timeout;
+    while (1) {
+        my @lines = grep { $_ ne '' } split /\n/, $self->read_file($name);
+        if (@lines >= $count || time() >= $deadline) {
+            return map { eval { $JSON->decode($_) } || { line => $_ } }
+                @lines;
+        }
+        sleep 0.05;
+    }
+}
+
 ############################################################################
 # Mock HTTP servers
 #
