@@ -1140,8 +1140,8 @@ stories_scan(const char *body, size_t len, size_t limit, int *flaws)
 
 
 /*
- * Turns each number under item into a raw node that holds the number's text
- * from the body and keeps its valuedouble.  cJSON would print the double,
+ * Turns each number under item into a raw node that contains the number's
+ * text from the body and keeps its valuedouble.  cJSON would print the double,
  * which rounds integers from 2^53 on and prints 1e2 as 100.  The walk and
  * the body both go in document order, so the next number node matches the
  * next number token after *pos.  Returns 0, or -1 without memory.
