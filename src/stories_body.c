@@ -194,11 +194,8 @@ stories_inflate_bits(int bits, const char *in, size_t len, size_t max,
 
             /*
              * A gzip body may be a series of members (RFC 1952, section
-             * 2.2), and the output is their concatenation, so the bytes
-             * after a member must be another whole member.  Trailing zero
-             * bytes are not one, so they make the body corrupt, although
-             * gzip 1.12 ignores them.  A request states its body's length,
-             * so a client has no reason to pad the body.
+             * 2.2), so what follows a member must be another whole member.
+             * Trailing zero bytes are not, and make the body corrupt.
              */
 
             if (inflateReset(&zs) != Z_OK) {
